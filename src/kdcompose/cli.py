@@ -1,0 +1,102 @@
+"""The `kdcompose` command line.
+
+Exit codes: 0 success, 2 invalid config or usage (message on stderr naming each offending
+dotted path), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from kdcompose.errors import ConfigError
+
+EXIT_INVALID = 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kdcompose.composer import build_composer, describe_terms
+    from kdcompose.config import load_config
+
+    if args.json and len(args.configs) != 1:
+        print("kdcompose validate --json takes exactly one config", file=sys.stderr)
+        return EXIT_INVALID
+    status = 0
+    for path in args.configs:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            status = EXIT_INVALID
+            continue
+        composer = build_composer(config.composition)
+        rows = describe_terms(composer)
+        if args.json:
+            payload = {
+                "terms": list(rows),
+                "needs_teacher": composer.needs.teacher,
+                "formula": composer.formula(),
+                "llm_kd_weight": config.llm_kd_weight,
+            }
+            print(json.dumps(payload, indent=2))
+        else:
+            print(f"{path}: OK")
+            print(_table(rows))
+            print(f"  {composer.formula()}")
+            print(f"  teacher needed: {'yes' if composer.needs.teacher else 'no'}")
+    return status
+
+
+def _table(rows: Sequence[dict]) -> str:
+    header = ("term", "type", "weight", "active", "needs teacher", "metric")
+    body = [
+        (
+            str(r["name"]),
+            str(r["type"]),
+            f"{r['weight']:g}",
+            "yes" if r["active"] else "no",
+            "yes" if r["needs_teacher"] else "no",
+            str(r["metric"]) if r["active"] else "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in (header, *body)]
+    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from kdcompose.schema.json_schema import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdcompose", description="Pluggable loss composition for knowledge distillation with ms-swift."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="resolve a config's loss composition without loading any model")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config file(s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (terms, needs_teacher, formula)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the config (for editors)")
+    p.set_defaults(func=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Load a kdcompose YAML config: sections -> flat ms-swift arguments + the composition.
+
+Layout (DESIGN.md "Contract"): sections `model`, `template`, `data`, `tuner`, `training`,
+`rlhf`, `custom` hold ms-swift argument names; the sections are for readability, so an
+argument may sit in any of them, but the same key in two sections is an error. kdcompose's
+own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight` and `custom.visual_kd`.
+Checking argument names against ms-swift happens in the launcher (it needs ms-swift);
+everything here works without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.schema.composition import (
+    Composition,
+    GkdKnobs,
+    parse_gkd_knobs,
+    resolve_composition,
+)
+from kdcompose.yaml_io import load_yaml_file, parse_yaml
+
+SECTIONS: tuple[str, ...] = ("model", "template", "data", "tuner", "training", "rlhf", "custom")
+OWN_KEYS: dict[str, str] = {"loss_terms": "rlhf", "llm_kd_weight": "rlhf", "visual_kd": "custom"}
+"""kdcompose's own keys and the section each must live in."""
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """A validated config: what to hand to ms-swift and what to compose."""
+
+    composition: Composition
+    swift_args: Mapping[str, Any]
+    """Flattened ms-swift arguments (kdcompose's own keys removed)."""
+    arg_paths: Mapping[str, str]
+    """Dotted path of each ms-swift argument, for error messages."""
+    knobs: GkdKnobs = field(default_factory=GkdKnobs)
+    source: str | None = None
+
+    @property
+    def llm_kd_weight(self) -> float:
+        """The runtime LM-head KD weight (the `lm_jsd` term's weight; 0 if disabled)."""
+        term = self.composition.term("lm_jsd")
+        return term.weight if term is not None else 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        from kdcompose.composer import build_composer
+
+        return build_composer(self.composition).needs.teacher
+
+
+def parse_config(data: Any, source: str | None = None) -> KDConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    issues: list[ConfigIssue] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError.single("", f"the config must be a mapping of sections, got {type(data).__name__}", source)
+
+    sections: dict[str, Mapping[str, Any]] = {}
+    for name, body in data.items():
+        if name not in SECTIONS:
+            hint = f"; did you mean to put it under a section? sections are: {', '.join(SECTIONS)}"
+            if name in OWN_KEYS:
+                hint = f"; it belongs under `{OWN_KEYS[name]}:`"
+            issues.append(ConfigIssue(str(name), f"unknown top-level section{hint}"))
+            continue
+        if body is None:
+            body = {}
+        if not isinstance(body, Mapping):
+            issues.append(ConfigIssue(name, f"a section must be a mapping of arguments, got {type(body).__name__}"))
+            continue
+        sections[name] = body
+
+    swift_args: dict[str, Any] = {}
+    arg_paths: dict[str, str] = {}
+    own: dict[str, Any] = {}
+    for section, body in sections.items():
+        for key, value in body.items():
+            path = f"{section}.{key}"
+            if not isinstance(key, str):
+                issues.append(ConfigIssue(path, "argument names must be strings"))
+                continue
+            if key in OWN_KEYS:
+                if OWN_KEYS[key] != section:
+                    issues.append(ConfigIssue(path, f"`{key}` belongs under `{OWN_KEYS[key]}:`, not `{section}:`"))
+                else:
+                    own[key] = value
+                continue
+            if key in arg_paths:
+                issues.append(
+                    ConfigIssue(path, f"`{key}` is also set at {arg_paths[key]}; an argument may appear only once")
+                )
+                continue
+            swift_args[key] = value
+            arg_paths[key] = path
+
+    rlhf_type = swift_args.get("rlhf_type")
+    if rlhf_type is not None and rlhf_type != "gkd":
+        issues.append(
+            ConfigIssue(arg_paths["rlhf_type"], f"kdcompose composes GKD losses: rlhf_type must be gkd, got {rlhf_type!r}")
+        )
+    knobs = parse_gkd_knobs(swift_args, arg_paths, issues)
+    composition = resolve_composition(
+        own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
+    )
+    if issues or composition is None:
+        raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
+    return KDConfig(composition=composition, swift_args=swift_args, arg_paths=arg_paths, knobs=knobs, source=source)
+
+
+def parse_config_text(text: str, source: str | None = None) -> KDConfig:
+    return parse_config(parse_yaml(text, source=source), source=source)
+
+
+def load_config(path: str | Path) -> KDConfig:
+    """Read, parse and validate a YAML config file (never loads a model)."""
+    return parse_config(load_yaml_file(path), source=str(path))

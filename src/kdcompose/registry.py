@@ -1,0 +1,118 @@
+"""The registry of loss-term types.
+
+One small registry, as in torchdistill: `@register_term` works bare (the class's
+`type_name` or its class name is the key) or with an explicit key. Installed packages add
+terms through the `kdcompose.terms` entry-point group, loaded once on first lookup; the
+entry point may name a module (registering on import) or a LossTerm subclass (registered
+under the entry point's name). Nothing is ever loaded from a YAML tag.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, TypeVar, overload
+
+from kdcompose.errors import UnknownTermError
+
+if TYPE_CHECKING:
+    from kdcompose.terms.base import LossTerm
+
+ENTRY_POINT_GROUP = "kdcompose.terms"
+
+TermClass = TypeVar("TermClass", bound="type[LossTerm]")
+
+_REGISTRY: dict[str, type[LossTerm]] = {}
+_entry_points_loaded = False
+_lock = threading.Lock()
+
+
+def _add(key: str, cls: type[LossTerm]) -> type[LossTerm]:
+    # Imported here: the built-in terms import this module to register themselves.
+    from kdcompose.terms.base import LossTerm, TermSpec
+
+    if not isinstance(cls, type) or not issubclass(cls, LossTerm):
+        raise TypeError(f"register_term expects a LossTerm subclass, got {cls!r}")
+    if not key or not key.isidentifier():
+        raise ValueError(f"term key must be a Python identifier (used in YAML and metric names), got {key!r}")
+    existing = _REGISTRY.get(key)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"term type {key!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+            "choose another key"
+        )
+    if not (isinstance(cls.spec_class, type) and issubclass(cls.spec_class, TermSpec)):
+        raise TypeError(f"{cls.__qualname__}.spec_class must be a TermSpec subclass")
+    cls.type_name = key
+    _REGISTRY[key] = cls
+    return cls
+
+
+@overload
+def register_term(target: TermClass) -> TermClass: ...
+@overload
+def register_term(target: str) -> Callable[[TermClass], TermClass]: ...
+def register_term(target):
+    """Register a LossTerm subclass: `@register_term` or `@register_term("my_term")`."""
+    if isinstance(target, str):
+        key = target
+
+        def decorator(cls):
+            return _add(key, cls)
+
+        return decorator
+    key = getattr(target, "type_name", "") or target.__name__
+    return _add(key, target)
+
+
+def unregister_term(key: str) -> None:
+    """Remove a registration (for tests and interactive sessions)."""
+    _REGISTRY.pop(key, None)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    with _lock:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = ep.load()
+            except Exception as exc:  # a broken plugin must say which one it is
+                raise ImportError(
+                    f"kdcompose term plugin {ep.name!r} ({ep.value}) from entry-point group "
+                    f"{ENTRY_POINT_GROUP!r} failed to import: {exc}"
+                ) from exc
+            from kdcompose.terms.base import LossTerm
+
+            if isinstance(loaded, type) and issubclass(loaded, LossTerm) and ep.name not in _REGISTRY:
+                _add(ep.name, loaded)
+
+
+def _ensure_builtins() -> None:
+    # Importing the package registers lm_jsd, ce and visual_kd.
+    import kdcompose.terms  # noqa: F401
+
+
+def registered_terms() -> dict[str, type[LossTerm]]:
+    """All registered term types, built-ins and plugins, by key."""
+    _ensure_builtins()
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_term_class(key: str) -> type[LossTerm]:
+    """Look up a term type; the error lists every registered type."""
+    _ensure_builtins()
+    if key not in _REGISTRY:
+        _load_entry_points()
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise UnknownTermError(
+            f"unknown loss term type {key!r}; registered types: {known}. Register your own with "
+            f"@kdcompose.register_term or the {ENTRY_POINT_GROUP!r} entry-point group"
+        ) from None

@@ -1,0 +1,1 @@
+"""Config schema: value types, section models and the legacy-knob translation."""

@@ -1,0 +1,79 @@
+"""JSON Schema of the YAML config, for editors (`kdcompose schema`).
+
+Built from the registered term specs, so a plugin's term shows up with its own knobs.
+ms-swift arguments are open-ended here (the launcher checks them against ms-swift).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from kdcompose.config import SECTIONS
+from kdcompose.registry import registered_terms
+from kdcompose.schema.types import PositiveFloat, Probability, Weight
+
+_REF = "#/$defs/{model}"
+
+
+def _absorb(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    defs.update(schema.pop("$defs", {}))
+    return schema
+
+
+def config_json_schema() -> dict[str, Any]:
+    defs: dict[str, Any] = {}
+    variants = []
+    for key, cls in registered_terms().items():
+        spec_schema = _absorb(cls.spec_class.model_json_schema(ref_template=_REF), defs)
+        title = f"{key} term"
+        spec_schema["title"] = title
+        spec_schema.setdefault("properties", {})["type"] = {
+            "const": key,
+            "description": f"term type; defaults to the term's name, so a term named {key!r} may omit it",
+        }
+        defs[f"term_{key}"] = spec_schema
+        variants.append({"$ref": f"#/$defs/term_{key}"})
+
+    def section(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "description": "ms-swift arguments (any RLHFArguments field); each may appear in only one section",
+            "properties": extra or {},
+            "additionalProperties": True,
+        }
+
+    from kdcompose.terms.visual_kd import VisualKdSpec
+
+    rlhf = section(
+        {
+            "loss_terms": {
+                "type": "object",
+                "description": "term name -> settings; `type` defaults to the name",
+                "additionalProperties": {"anyOf": variants},
+            },
+            "llm_kd_weight": {
+                **TypeAdapter(Weight).json_schema(),
+                "description": "weight of LM-head KD (lm_jsd); 0 disables it. Default 1.0",
+            },
+            "beta": TypeAdapter(Probability).json_schema(),
+            "temperature": TypeAdapter(PositiveFloat).json_schema(),
+            "sft_alpha": TypeAdapter(Weight).json_schema(),
+            "rlhf_type": {"const": "gkd"},
+        }
+    )
+    custom = section(
+        {"visual_kd": _absorb(VisualKdSpec.model_json_schema(ref_template=_REF), defs)}
+    )
+    properties = {name: section() for name in SECTIONS}
+    properties["rlhf"] = rlhf
+    properties["custom"] = custom
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "kdcompose config",
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+        "$defs": defs,
+    }
