@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from kdcompose import LossContext, LossTerm, TermNeeds, TermSpec, build_composer, parse_config_text, register_term
+from kdcompose import (
+    LossContext,
+    LossTerm,
+    TermNeeds,
+    TermSpec,
+    build_composer,
+    parse_config_text,
+    register_term,
+)
 from kdcompose.schema.types import PositiveFloat
 
 

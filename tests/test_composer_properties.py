@@ -86,7 +86,9 @@ def test_total_is_the_weighted_sum_of_independently_computed_active_terms(w_jsd,
     # every metric is a weighted active term: their sum (without the per-target parts) is the total
     summed = sum(v for k, v in metrics.items() if not k.startswith("vision_kd_loss_"))
     torch.testing.assert_close(torch.as_tensor(summed, dtype=torch.float32), out.total.detach())
-    expected_keys = {k for k, w in (("llm_kd_loss", w_jsd), ("sft_loss", w_ce), ("vision_kd_loss", w_vis)) if w > 0}
+    expected_keys = {
+        k for k, w in (("llm_kd_loss", w_jsd), ("sft_loss", w_ce), ("vision_kd_loss", w_vis)) if w > 0
+    }
     assert {k for k in metrics if not k.startswith("vision_kd_loss_")} == expected_keys
 
 

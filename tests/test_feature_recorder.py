@@ -121,8 +121,8 @@ def test_gradient_checkpointing_recompute_is_not_recorded_and_values_match(reent
             with recorder.recording():
                 out = model(**inputs)
                 feature = recorder.features()["vit"]
-            calls = []
-            handle = model.get_submodule(hooked).register_forward_hook(lambda *a: calls.append(1))
+            calls: list[int] = []
+            handle = model.get_submodule(hooked).register_forward_hook(lambda *a, c=calls: c.append(1))
             out.logits.float().pow(2).mean().backward()
             handle.remove()
             assert recorder.features()["vit"] == []

@@ -27,7 +27,9 @@ def logits_and_labels(draw):
 def test_ce_equals_torch_cross_entropy_with_ignore_index(data):
     logits, labels = data
     if (labels != -100).any():
-        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        expected = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         torch.testing.assert_close(masked_cross_entropy(logits, labels), expected)
     else:
         value = masked_cross_entropy(logits.requires_grad_(), labels)

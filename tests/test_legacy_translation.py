@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import config_error, config_from
 
+from helpers import config_error, config_from
 from kdcompose import build_composer
 from kdcompose.defaults import SWIFT_GKD_BETA, SWIFT_GKD_TEMPERATURE
 
@@ -200,7 +200,12 @@ def test_misplaced_own_keys_and_duplicate_args_are_named():
             "rlhf_typo": {},
         }
     )
-    assert set(error.paths) == {"training.llm_kd_weight", "model.learning_rate", "rlhf.visual_kd", "rlhf_typo"}
+    assert set(error.paths) == {
+        "training.llm_kd_weight",
+        "model.learning_rate",
+        "rlhf.visual_kd",
+        "rlhf_typo",
+    }
 
 
 def test_every_problem_is_reported_at_once():

@@ -107,7 +107,9 @@ def test_entry_point_plugin_term_is_usable_from_yaml(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "0.5*plugin_sq" in result.stdout
 
@@ -116,14 +118,19 @@ def test_broken_entry_point_names_the_plugin(tmp_path):
     _fake_distribution(tmp_path, "broken = kd_plugin_pkg:DoesNotExist")
     script = "from kdcompose import get_term_class\nget_term_class('broken')\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode != 0
     assert "broken" in result.stderr and "kdcompose.terms" in result.stderr
 
 
 def test_documented_custom_term_example_runs():
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "custom_term.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "examples" / "custom_term.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import yaml
-from helpers import config_error, config_from, yaml_round_trip
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import config_error, config_from, yaml_round_trip
 from kdcompose import build_composer, parse_config
 
 valid_weights = st.one_of(

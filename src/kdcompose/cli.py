@@ -63,8 +63,10 @@ def _table(rows: Sequence[dict]) -> str:
         for r in rows
     ]
     widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in (header, *body)]
+    lines = [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *body)
+    ]
     lines.insert(1, "  " + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="resolve a config's loss composition without loading any model")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config file(s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (terms, needs_teacher, formula)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (terms, needs_teacher, formula)"
+    )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the config (for editors)")

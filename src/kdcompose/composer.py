@@ -103,10 +103,7 @@ class LossComposer:
             if not term.applies_to(ctx):
                 continue
             results.append(self._run(term, ctx))
-        if results:
-            total = torch.stack([r.weighted for r in results]).sum()
-        else:
-            total = _connected_zero(ctx)
+        total = torch.stack([r.weighted for r in results]).sum() if results else _connected_zero(ctx)
         return CompositionOutput(total=total, terms=tuple(results))
 
     @staticmethod

@@ -3,13 +3,18 @@
 Layout (DESIGN.md "Contract"): sections `model`, `template`, `data`, `tuner`, `training`,
 `rlhf`, `custom` hold ms-swift argument names; the sections are for readability, so an
 argument may sit in any of them, but the same key in two sections is an error. kdcompose's
-own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight` and `custom.visual_kd`.
+own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight` and `custom.visual_kd`, plus a
+top-level `plugins:` list of modules (or .py files) that register custom terms — the only
+way besides the `kdcompose.terms` entry-point group that a config can bring in code.
 Checking argument names against ms-swift happens in the launcher (it needs ms-swift);
 everything here works without it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +27,11 @@ from kdcompose.schema.composition import (
     parse_gkd_knobs,
     resolve_composition,
 )
+from kdcompose.schema.validation import join_path, path_segment
 from kdcompose.yaml_io import load_yaml_file, parse_yaml
 
 SECTIONS: tuple[str, ...] = ("model", "template", "data", "tuner", "training", "rlhf", "custom")
+PLUGINS_KEY = "plugins"
 OWN_KEYS: dict[str, str] = {"loss_terms": "rlhf", "llm_kd_weight": "rlhf", "visual_kd": "custom"}
 """kdcompose's own keys and the section each must live in."""
 
@@ -54,26 +61,81 @@ class KDConfig:
         return build_composer(self.composition).needs.teacher
 
 
+def _import_plugin(entry: str, base_dir: Path | None) -> None:
+    if entry.endswith(".py"):
+        path = Path(entry)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise FileNotFoundError(f"plugin file not found: {path}")
+        name = f"kdcompose_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+        if name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+    else:
+        importlib.import_module(entry)
+
+
+def load_plugins(raw: Any, base_dir: Path | None, issues: list[ConfigIssue]) -> None:
+    """Import the modules listed under `plugins:` (they register terms on import)."""
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        issues.append(
+            ConfigIssue(PLUGINS_KEY, "must be a list of module names or .py files that register terms")
+        )
+        return
+    for index, entry in enumerate(raw):
+        path = f"{PLUGINS_KEY}.{index}"
+        if not isinstance(entry, str) or not entry:
+            issues.append(ConfigIssue(path, f"must be a module name or a .py file path, got {entry!r}"))
+            continue
+        try:
+            _import_plugin(entry, base_dir)
+        except Exception as exc:  # report which plugin failed and why, never a bare traceback
+            issues.append(ConfigIssue(path, f"cannot import plugin {entry!r}: {type(exc).__name__}: {exc}"))
+
+
 def parse_config(data: Any, source: str | None = None) -> KDConfig:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    """Validate a parsed YAML document; raise ConfigError listing every problem.
+
+    `source` is the config's file path (for messages, and to resolve relative plugin paths).
+    """
     issues: list[ConfigIssue] = []
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError.single("", f"the config must be a mapping of sections, got {type(data).__name__}", source)
+        raise ConfigError.single(
+            "", f"the config must be a mapping of sections, got {type(data).__name__}", source
+        )
 
+    base_dir = Path(source).resolve().parent if source else None
+    load_plugins(data.get(PLUGINS_KEY), base_dir, issues)
     sections: dict[str, Mapping[str, Any]] = {}
     for name, body in data.items():
+        if name == PLUGINS_KEY:
+            continue
         if name not in SECTIONS:
             hint = f"; did you mean to put it under a section? sections are: {', '.join(SECTIONS)}"
             if name in OWN_KEYS:
                 hint = f"; it belongs under `{OWN_KEYS[name]}:`"
-            issues.append(ConfigIssue(str(name), f"unknown top-level section{hint}"))
+            issues.append(ConfigIssue(path_segment(name), f"unknown top-level section{hint}"))
             continue
         if body is None:
             body = {}
         if not isinstance(body, Mapping):
-            issues.append(ConfigIssue(name, f"a section must be a mapping of arguments, got {type(body).__name__}"))
+            issues.append(
+                ConfigIssue(name, f"a section must be a mapping of arguments, got {type(body).__name__}")
+            )
             continue
         sections[name] = body
 
@@ -82,19 +144,23 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     own: dict[str, Any] = {}
     for section, body in sections.items():
         for key, value in body.items():
-            path = f"{section}.{key}"
+            path = join_path(section, key)
             if not isinstance(key, str):
                 issues.append(ConfigIssue(path, "argument names must be strings"))
                 continue
             if key in OWN_KEYS:
                 if OWN_KEYS[key] != section:
-                    issues.append(ConfigIssue(path, f"`{key}` belongs under `{OWN_KEYS[key]}:`, not `{section}:`"))
+                    issues.append(
+                        ConfigIssue(path, f"`{key}` belongs under `{OWN_KEYS[key]}:`, not `{section}:`")
+                    )
                 else:
                     own[key] = value
                 continue
             if key in arg_paths:
                 issues.append(
-                    ConfigIssue(path, f"`{key}` is also set at {arg_paths[key]}; an argument may appear only once")
+                    ConfigIssue(
+                        path, f"`{key}` is also set at {arg_paths[key]}; an argument may appear only once"
+                    )
                 )
                 continue
             swift_args[key] = value
@@ -103,7 +169,10 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     rlhf_type = swift_args.get("rlhf_type")
     if rlhf_type is not None and rlhf_type != "gkd":
         issues.append(
-            ConfigIssue(arg_paths["rlhf_type"], f"kdcompose composes GKD losses: rlhf_type must be gkd, got {rlhf_type!r}")
+            ConfigIssue(
+                arg_paths["rlhf_type"],
+                f"kdcompose composes GKD losses: rlhf_type must be gkd, got {rlhf_type!r}",
+            )
         )
     knobs = parse_gkd_knobs(swift_args, arg_paths, issues)
     composition = resolve_composition(
@@ -111,7 +180,9 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     )
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
-    return KDConfig(composition=composition, swift_args=swift_args, arg_paths=arg_paths, knobs=knobs, source=source)
+    return KDConfig(
+        composition=composition, swift_args=swift_args, arg_paths=arg_paths, knobs=knobs, source=source
+    )
 
 
 def parse_config_text(text: str, source: str | None = None) -> KDConfig:

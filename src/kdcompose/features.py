@@ -47,7 +47,8 @@ def _vision_module_names(model: nn.Module, limit: int = 40) -> list[str]:
     names = [
         name
         for name, _ in model.named_modules()
-        if name and any(key in name.rsplit(".", 1)[-1].lower() for key in ("visual", "vision", "merger", "deepstack"))
+        if name
+        and any(key in name.rsplit(".", 1)[-1].lower() for key in ("visual", "vision", "merger", "deepstack"))
     ]
     return names[:limit]
 
@@ -79,7 +80,9 @@ def _extract(target: str, output: object) -> torch.Tensor:
         return hidden
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"visual_kd target {target!r}: cannot find a feature tensor in a {type(output).__name__} output")
+    raise TypeError(
+        f"visual_kd target {target!r}: cannot find a feature tensor in a {type(output).__name__} output"
+    )
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,9 @@ class FeatureRecorder:
         if override is None and target in EXPAND_CHILDREN:
             children = [(f"{path}.{name}", child) for name, child in module.named_children()]
             if not children:
-                raise FeatureModuleNotFound(f"visual_kd target {target!r}: {path!r} has no sub-modules to hook")
+                raise FeatureModuleNotFound(
+                    f"visual_kd target {target!r}: {path!r} has no sub-modules to hook"
+                )
             return children
         return [(path, module)]
 

@@ -21,7 +21,8 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
                 "enable a projector for this target to map the student's width to the teacher's."
             )
         raise ValueError(
-            f"student feature shape {tuple(student.shape)} != teacher feature shape {tuple(teacher.shape)}.{hint}"
+            f"student feature shape {tuple(student.shape)} != teacher feature shape "
+            f"{tuple(teacher.shape)}.{hint}"
         )
 
 
@@ -56,5 +57,7 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str
     try:
         fn = _DISTANCE_FUNCTIONS[distance]
     except KeyError:
-        raise ValueError(f"unknown feature distance {distance!r}; choose one of {', '.join(DISTANCES)}") from None
+        raise ValueError(
+            f"unknown feature distance {distance!r}; choose one of {', '.join(DISTANCES)}"
+        ) from None
     return fn(student, teacher)

@@ -110,12 +110,16 @@ def parse_gkd_knobs(args: Mapping[str, Any], paths: Mapping[str, str], issues: l
 
 def _parse_term(name: Any, raw: Any, path: str, issues: list[ConfigIssue]) -> tuple[str, TermSpec] | None:
     if not isinstance(name, str) or not name.isidentifier():
-        issues.append(ConfigIssue(path, "a term name must be an identifier (letters, digits, _): it names metrics"))
+        issues.append(
+            ConfigIssue(path, "a term name must be an identifier (letters, digits, _): it names metrics")
+        )
         return None
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        issues.append(ConfigIssue(path, f"must be a mapping of the term's settings, got {type(raw).__name__}"))
+        issues.append(
+            ConfigIssue(path, f"must be a mapping of the term's settings, got {type(raw).__name__}")
+        )
         return None
     type_name = raw.get("type", name)
     if not isinstance(type_name, str):
@@ -156,7 +160,11 @@ def resolve_composition(
 
     declared: dict[str, tuple[str, TermSpec, str]] = {}
     if loss_terms is not None and not isinstance(loss_terms, Mapping):
-        issues.append(ConfigIssue(LOSS_TERMS_PATH, "must map term names to their settings, e.g. `lm_jsd: {weight: 0.5}`"))
+        issues.append(
+            ConfigIssue(
+                LOSS_TERMS_PATH, "must map term names to their settings, e.g. `lm_jsd: {weight: 0.5}`"
+            )
+        )
     elif loss_terms:
         for name, raw in loss_terms.items():
             path = join_path(LOSS_TERMS_PATH, name)
@@ -202,14 +210,19 @@ def _inherit_jsd_knobs(spec: TermSpec, knobs: GkdKnobs) -> TermSpec:
 
 
 def _resolve_lm_jsd(
-    declared: tuple[str, TermSpec, str] | None, kd_weight: float | None, knobs: GkdKnobs, issues: list[ConfigIssue]
+    declared: tuple[str, TermSpec, str] | None,
+    kd_weight: float | None,
+    knobs: GkdKnobs,
+    issues: list[ConfigIssue],
 ) -> ResolvedTerm:
     from kdcompose.terms.lm_jsd import LmJsdSpec
 
     if declared is None:
         weight = LLM_KD_WEIGHT_DEFAULT if kd_weight is None else kd_weight
         origin = LLM_KD_WEIGHT_PATH if kd_weight is not None else "default"
-        return ResolvedTerm("lm_jsd", "lm_jsd", _inherit_jsd_knobs(LmJsdSpec(type="lm_jsd", weight=weight), knobs), origin)
+        return ResolvedTerm(
+            "lm_jsd", "lm_jsd", _inherit_jsd_knobs(LmJsdSpec(type="lm_jsd", weight=weight), knobs), origin
+        )
     type_name, spec, path = declared
     if type_name != "lm_jsd":
         issues.append(ConfigIssue(join_path(path, "type"), "the term named lm_jsd must have type lm_jsd"))
@@ -223,7 +236,9 @@ def _resolve_lm_jsd(
     return ResolvedTerm("lm_jsd", type_name, _inherit_jsd_knobs(spec, knobs), path)
 
 
-def _resolve_ce(declared: tuple[str, TermSpec, str] | None, knobs: GkdKnobs, issues: list[ConfigIssue]) -> ResolvedTerm:
+def _resolve_ce(
+    declared: tuple[str, TermSpec, str] | None, knobs: GkdKnobs, issues: list[ConfigIssue]
+) -> ResolvedTerm:
     from kdcompose.terms.ce import CeSpec
 
     if declared is None:
@@ -235,7 +250,9 @@ def _resolve_ce(declared: tuple[str, TermSpec, str] | None, knobs: GkdKnobs, iss
         issues.append(ConfigIssue(join_path(path, "type"), "the term named ce must have type ce"))
     if knobs.sft_alpha is not None:
         if "weight" in spec.model_fields_set and spec.weight != knobs.sft_alpha:
-            issues.append(_conflict(knobs.sft_alpha_path, knobs.sft_alpha, join_path(path, "weight"), spec.weight))
+            issues.append(
+                _conflict(knobs.sft_alpha_path, knobs.sft_alpha, join_path(path, "weight"), spec.weight)
+            )
         spec = spec.model_copy(update={"weight": knobs.sft_alpha})
     return ResolvedTerm("ce", type_name, spec, path)
 

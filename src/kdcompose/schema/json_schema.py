@@ -39,7 +39,7 @@ def config_json_schema() -> dict[str, Any]:
     def section(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "type": "object",
-            "description": "ms-swift arguments (any RLHFArguments field); each may appear in only one section",
+            "description": "ms-swift arguments (RLHFArguments fields); each may appear in one section only",
             "properties": extra or {},
             "additionalProperties": True,
         }
@@ -63,9 +63,7 @@ def config_json_schema() -> dict[str, Any]:
             "rlhf_type": {"const": "gkd"},
         }
     )
-    custom = section(
-        {"visual_kd": _absorb(VisualKdSpec.model_json_schema(ref_template=_REF), defs)}
-    )
+    custom = section({"visual_kd": _absorb(VisualKdSpec.model_json_schema(ref_template=_REF), defs)})
     properties = {name: section() for name in SECTIONS}
     properties["rlhf"] = rlhf
     properties["custom"] = custom

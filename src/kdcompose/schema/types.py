@@ -16,7 +16,12 @@ from pydantic import BeforeValidator, Field
 def _finite_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number, got {type(value).__name__} {value!r}; write it without quotes")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"must be a finite number, got an integer with {len(str(abs(value)))} digits"
+        ) from None
     if not math.isfinite(result):
         raise ValueError(f"must be a finite number, got {value!r}")
     return result

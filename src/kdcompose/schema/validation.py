@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -9,19 +10,35 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from kdcompose.errors import ConfigIssue
 
 
+def path_segment(key: object) -> str:
+    """One segment of a dotted path; keys that would make the path ambiguous are quoted."""
+    text = str(key)
+    if text and all(c.isalnum() or c in "_-" for c in text):
+        return text
+    return json.dumps(text)
+
+
 def join_path(*parts: object) -> str:
-    return ".".join(str(p) for p in parts if p != "")
+    """`rlhf.loss_terms.ce.weight`; the first part may already be a joined path."""
+    if not parts:
+        return ""
+    head, *rest = parts
+    segments = [str(head)] if head != "" else []
+    segments += [path_segment(p) for p in rest]
+    return ".".join(segments)
 
 
 def _message(error: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         allowed = ", ".join(sorted(model.model_fields)) if model is not None else ""
-        return "unknown key" + (f"; allowed keys here: {allowed}" if allowed else "") + " (check the spelling)"
+        return (
+            "unknown key" + (f"; allowed keys here: {allowed}" if allowed else "") + " (check the spelling)"
+        )
     msg = str(error.get("msg", "invalid value"))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if "input" in error and kind not in ("missing",):
         return f"{msg} (got {error['input']!r})" if "got" not in msg else msg
     return msg

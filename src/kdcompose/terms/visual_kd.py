@@ -97,7 +97,9 @@ class VisualKdTerm(LossTerm):
                     f"but {len(teacher)} teacher one(s); student and teacher must have the same "
                     "modules for this target"
                 )
-            distances = [feature_distance(s, t, target.distance) for s, t in zip(student, teacher, strict=True)]
+            distances = [
+                feature_distance(s, t, target.distance) for s, t in zip(student, teacher, strict=True)
+            ]
             parts[name] = target.weight * torch.stack(distances).mean()
         if not parts:
             raise ValueError(f"term {self.name!r}: no features recorded for targets {sorted(self.targets)}")
