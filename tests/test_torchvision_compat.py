@@ -129,36 +129,44 @@ def test_without_fix_import_fails_when_ops_cannot_load(ops_loadable: bool | None
 
 
 def test_absent_without_torchvision_and_without_importing_torch() -> None:
-    # -S: no site-packages at all, so neither torch nor torchvision is findable.
+    # -S: no site-packages at all, so neither torch nor torchvision is findable. The module is loaded
+    # by path, as the .pth line does (the package __init__ may import torch).
     res = _run(
         f"""
-        import json, sys
-        sys.path.insert(0, {str(SRC)!r})
-        from kdcompose.compat._startup import ensure_torchvision_importable, install
-        print(json.dumps({{"r": ensure_torchvision_importable(), "torch": "torch" in sys.modules}}))
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("_probe", {_startup.__file__!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(json.dumps({{"r": mod.ensure_torchvision_importable(), "torch": "torch" in sys.modules,
+                          "hook": mod.install()}}))
         """,
         "-S",
     )
-    assert res == {"r": "absent", "torch": False}
+    assert res == {"r": "absent", "torch": False, "hook": True}
 
 
 def test_lazy_import_hook_runs_only_on_torchvision_import(ops_loadable: bool | None) -> None:
+    # Loaded by path like the .pth line does: the kdcompose package __init__ may import torch itself.
     res = _run(
-        """
-        import json, sys
-        from kdcompose.compat import install_import_hook
-        from kdcompose.compat._startup import TorchvisionImportHook
-        installed = [install_import_hook(), install_import_hook()]
+        f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("_probe", {_startup.__file__!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        TorchvisionImportHook = mod.TorchvisionImportHook
+        installed = [mod.install(), mod.install()]
         n_hooks = sum(isinstance(f, TorchvisionImportHook) for f in sys.meta_path)
         import json, collections  # unrelated imports must not trigger anything
         torch_before = "torch" in sys.modules
         import torchvision.transforms.functional
         after = sum(type(f).__name__ == "TorchvisionImportHook" for f in sys.meta_path)
-        res = {"installed": installed, "n": n_hooks, "torch_before": torch_before, "after": after}
+        res = {{"installed": installed, "n": n_hooks, "torch_before": torch_before, "after": after,
+                "status": mod.ensure_torchvision_importable()}}
         print(json.dumps(res))
         """
     )
-    assert res == {"installed": [True, True], "n": 1, "torch_before": False, "after": 0}
+    status = "native" if ops_loadable else "patched"
+    assert res == {"installed": [True, True], "n": 1, "torch_before": False, "after": 0, "status": status}
 
 
 def _compile_fake_torchvision(root: Path) -> bool:

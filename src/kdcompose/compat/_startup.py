@@ -138,13 +138,6 @@ def ensure_torchvision_importable() -> Status:
     """
     global _library
     with _lock:
-        tv = sys.modules.get("torchvision")
-        if tv is not None and getattr(tv, "__file__", None):
-            # Already imported: report, change nothing.
-            ext = sys.modules.get("torchvision.extension")
-            has_ops = getattr(ext, "_has_ops", None)
-            return "native" if has_ops is not None and has_ops() else "patched"
-
         ext_path = _torchvision_extension_path()
         if ext_path is None:
             return "absent"

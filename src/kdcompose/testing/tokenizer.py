@@ -64,7 +64,9 @@ QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),  # 151668
 )
 
-SPECIAL_TOKEN_IDS: dict[str, int] = {tok: FIRST_SPECIAL_ID + i for i, (tok, _) in enumerate(QWEN_ADDED_TOKENS)}
+SPECIAL_TOKEN_IDS: dict[str, int] = {
+    tok: FIRST_SPECIAL_ID + i for i, (tok, _) in enumerate(QWEN_ADDED_TOKENS)
+}
 IMAGE_TOKEN_ID = SPECIAL_TOKEN_IDS["<|image_pad|>"]
 VIDEO_TOKEN_ID = SPECIAL_TOKEN_IDS["<|video_pad|>"]
 VISION_START_TOKEN_ID = SPECIAL_TOKEN_IDS["<|vision_start|>"]
@@ -92,11 +94,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: Pre-tokenizer regex of Qwen2's tokenizer (GPT-4 style split), so our BPE splits text like Qwen's.
-_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
 #: Words the synthetic datasets and ms-swift's templates use; the BPE learns whole-word merges for
 #: them, so sequences stay short (a caption is ~10 tokens) and training steps stay cheap.
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink")
@@ -119,6 +116,14 @@ Knowledge distillation trains a small model to match a large model.
 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 32 64 100 112 128 256
 yes no true false and or not the a an is are was of on in at to with for by from
 """
+
+
+#: Qwen2Tokenizer's pre-tokenizer split (``transformers.models.qwen2.tokenization_qwen2``), copied so
+#: that training (and the cache key) does not need to import transformers; a test checks they match.
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def _training_corpus() -> list[str]:
@@ -225,3 +230,12 @@ def _check_layout(tokenizer: Qwen2Tokenizer) -> None:
             raise RuntimeError(f"tiny tokenizer layout broken: {tok!r} has id {got}, expected {idx}")
     if len(tokenizer) != FIRST_SPECIAL_ID + len(QWEN_ADDED_TOKENS):
         raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {FIRST_SPECIAL_ID + 26}")
+
+
+def tokenizer_fingerprint() -> str:
+    """Hash of everything that determines the tokenizer files (part of the tiny models' cache key)."""
+    import hashlib
+
+    vocab, merges = bpe_vocab_and_merges()
+    blob = json.dumps([sorted(vocab.items()), merges, QWEN_ADDED_TOKENS, CHAT_TEMPLATE], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
