@@ -50,12 +50,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[dict]) -> str:
-    header = ("term", "type", "weight", "active", "needs teacher", "metric")
+    header = ("term", "type", "weight", "schedule", "active", "needs teacher", "metric")
     body = [
         (
             str(r["name"]),
             str(r["type"]),
             f"{r['weight']:g}",
+            str(r.get("schedule") or "-"),
             "yes" if r["active"] else "no",
             "yes" if r["needs_teacher"] else "no",
             str(r["metric"]) if r["active"] else "-",
@@ -78,6 +79,35 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from kdcompose.integrations.swift.launch import train
+
+    return train(args.config)
+
+
+def _plugin_path(args: argparse.Namespace) -> int:
+    from kdcompose.integrations.swift import plugin_path
+
+    print(plugin_path())
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from kdcompose.plot import PlotError, PlotUnavailableError, plot_run
+
+    try:
+        run, out = plot_run(args.run_dir, args.output)
+    except PlotError as exc:
+        print(f"kdcompose plot: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except PlotUnavailableError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"read {run.path}" + (f" ({run.note})" if run.note else ""))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcompose", description="Pluggable loss composition for knowledge distillation with ms-swift."
@@ -93,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the JSON Schema of the config (for editors)")
     p.set_defaults(func=_schema)
+
+    p = sub.add_parser("train", help="train with ms-swift's GKD pipeline and the config's loss composition")
+    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "plugin-path", help="print the path of the ms-swift plugin (for `swift rlhf --external_plugins`)"
+    )
+    p.set_defaults(func=_plugin_path)
+
+    p = sub.add_parser("plot", help="draw a run's loss composition (stacked terms) from its logging.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (v<N>-<time>) or its output_dir (newest)")
+    p.add_argument("-o", "--output", metavar="PNG", help="output file (default: RUN/loss_composition.png)")
+    p.set_defaults(func=_plot)
     return parser
 
 

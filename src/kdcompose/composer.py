@@ -5,6 +5,12 @@ Zero-weight terms are never computed, never hooked and never logged; the compose
 teacher. The composer returns the total and, per term, the weighted value under the term's
 metric key, so what is logged is exactly what was optimized. No normalization by the sum
 of weights: a weight means what it says.
+
+A term's `schedule` multiplies its weight by a pure function of `LossContext.step`
+(kdcompose.schedules): at a step where that product is 0 the term is skipped like a
+zero-weight term (not computed, nothing logged), but it stays active for `needs`, because
+it will run at other steps. A scheduled term also logs its effective weight as
+`<metric>_weight`; `log_raw: true` adds the unweighted value as `<metric>_raw`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,16 @@ from functools import reduce
 import torch
 
 from kdcompose.registry import get_term_class
+from kdcompose.schedules import effective_weight
 from kdcompose.schema.composition import Composition
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermValue
+
+WEIGHT_SUFFIX = "_weight"
+"""`<metric>_weight`: a scheduled term's effective weight at the step."""
+RAW_SUFFIX = "_raw"
+"""`<metric>_raw`: a term's unweighted value (with `log_raw: true`)."""
+RESERVED_PARTS: frozenset[str] = frozenset({WEIGHT_SUFFIX[1:], RAW_SUFFIX[1:]})
+"""Part names a term may not use: `<metric>_weight` / `<metric>_raw` would be ambiguous."""
 
 
 @dataclass(frozen=True)
@@ -27,12 +41,17 @@ class TermResult:
     name: str
     metric_key: str
     weight: float
+    """The effective weight at this step (the configured weight times the schedule's multiplier)."""
     raw: torch.Tensor
     """The unweighted value."""
     weighted: torch.Tensor
     """weight * raw: what was added to the total."""
     parts: Mapping[str, torch.Tensor] = field(default_factory=dict)
     """Weighted parts by metric key (e.g. `vision_kd_loss_aligner`); they sum to `weighted`."""
+    scheduled: bool = False
+    """The term has a schedule: its effective weight is logged as `<metric>_weight`."""
+    log_raw: bool = False
+    """The term asked for its unweighted value to be logged as `<metric>_raw`."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +62,20 @@ class CompositionOutput:
     terms: tuple[TermResult, ...]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Weighted per-term values (and parts) by metric key, detached for logging."""
+        """Weighted per-term values (and parts) by metric key, detached for logging; plus
+        `<metric>_weight` for scheduled terms and `<metric>_raw` for terms with `log_raw`."""
         out: dict[str, torch.Tensor] = {}
         for result in self.terms:
-            out[result.metric_key] = result.weighted.detach()
-            for key, part in result.parts.items():
-                out[key] = part.detach()
+            key = result.metric_key
+            out[key] = result.weighted.detach()
+            for part_key, part in result.parts.items():
+                out[part_key] = part.detach()
+            if result.scheduled:
+                out[f"{key}{WEIGHT_SUFFIX}"] = torch.tensor(
+                    result.weight, dtype=torch.float32, device=result.weighted.device
+                )
+            if result.log_raw:
+                out[f"{key}{RAW_SUFFIX}"] = result.raw.detach().float()
         return out
 
 
@@ -89,9 +116,24 @@ class LossComposer:
                 return t
         raise KeyError(f"no term named {name!r}; terms: {[t.name for t in self.terms]}")
 
+    @staticmethod
+    def weight_at(term: LossTerm, step: int) -> float:
+        """The term's effective weight at optimizer step `step`: weight * schedule multiplier."""
+        return effective_weight(term.weight, term.spec.schedule, step)
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """Effective weight of every active term at `step`, by term name (0 = skipped there)."""
+        return {t.name: self.weight_at(t, step) for t in self.active_terms}
+
+    def needs_at(self, step: int) -> TermNeeds:
+        """What the terms that run at `step` need (a subset of `needs`): lets a trainer skip
+        the teacher forward at steps where every teacher-needing term is scheduled to 0."""
+        live = (t.needs for t in self.active_terms if self.weight_at(t, step) > 0)
+        return reduce(lambda a, b: a | b, live, TermNeeds())
+
     def formula(self) -> str:
-        """E.g. `Loss = 0.5*lm_jsd(beta=0.5) + 0.3*ce`."""
-        parts = [f"{t.weight:g}*{t.describe()}" for t in self.active_terms]
+        """E.g. `Loss = 0.5*lm_jsd(beta=0.5) + 0.3*ce[linear 1->0 over 1000]`."""
+        parts = [f"{t.weight:g}*{describe_term(t)}" for t in self.active_terms]
         return "Loss = " + (" + ".join(parts) if parts else "0")
 
     def __str__(self) -> str:
@@ -100,14 +142,15 @@ class LossComposer:
     def __call__(self, ctx: LossContext) -> CompositionOutput:
         results: list[TermResult] = []
         for term in self.active_terms:
-            if not term.applies_to(ctx):
+            weight = self.weight_at(term, ctx.step)
+            if weight <= 0 or not term.applies_to(ctx):
                 continue
-            results.append(self._run(term, ctx))
+            results.append(self._run(term, ctx, weight))
         total = torch.stack([r.weighted for r in results]).sum() if results else _connected_zero(ctx)
         return CompositionOutput(total=total, terms=tuple(results))
 
     @staticmethod
-    def _run(term: LossTerm, ctx: LossContext) -> TermResult:
+    def _run(term: LossTerm, ctx: LossContext, weight: float) -> TermResult:
         value = term.compute(ctx)
         if isinstance(value, TermValue):
             raw, raw_parts = value.value, value.parts
@@ -115,9 +158,20 @@ class LossComposer:
             raw, raw_parts = value, {}
         if not isinstance(raw, torch.Tensor) or raw.dim() != 0:
             raise TypeError(f"term {term.name!r} must return a scalar tensor, got {raw!r}")
-        weight = term.weight
+        reserved = sorted(RESERVED_PARTS.intersection(raw_parts))
+        if reserved:
+            raise ValueError(f"term {term.name!r} returned parts named {reserved}; those names are reserved")
         parts = {f"{term.metric_key}_{key}": weight * part for key, part in raw_parts.items()}
-        return TermResult(term.name, term.metric_key, weight, raw, weight * raw.float(), parts)
+        return TermResult(
+            term.name,
+            term.metric_key,
+            weight,
+            raw,
+            weight * raw.float(),
+            parts,
+            scheduled=term.spec.schedule is not None,
+            log_raw=term.spec.log_raw,
+        )
 
 
 def _connected_zero(ctx: LossContext) -> torch.Tensor:
@@ -125,6 +179,12 @@ def _connected_zero(ctx: LossContext) -> torch.Tensor:
     if anchor is None:
         return torch.zeros(())
     return anchor.sum() * 0.0
+
+
+def describe_term(term: LossTerm) -> str:
+    """The term as the formula shows it, with its schedule: `ce[linear 1->0 over 1000]`."""
+    schedule = term.spec.schedule
+    return term.describe() if schedule is None else f"{term.describe()}[{schedule.describe()}]"
 
 
 def build_composer(composition: Composition) -> LossComposer:
@@ -146,6 +206,7 @@ def describe_terms(composer: LossComposer) -> Sequence[dict[str, object]]:
                 "metric": t.metric_key,
                 "needs_teacher": needs.teacher,
                 "formula": t.describe(),
+                "schedule": t.spec.schedule.describe() if t.spec.schedule is not None else None,
                 "spec": t.spec.model_dump(mode="json", exclude_none=True),
             }
         )

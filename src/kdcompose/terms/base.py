@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 
+from kdcompose.schedules import ScheduleSpec
 from kdcompose.schema.types import Weight
 
 
@@ -23,13 +24,19 @@ class TermSpec(BaseModel):
     """Base of every term's config block: a weight (0 disables the term) and its type.
 
     Subclasses add their own knobs. Unknown keys are an error, so a typo such as
-    `wieght` never silently falls back to a default.
+    `wieght` never silently falls back to a default. `schedule` and `log_raw` live here so
+    that every term, a user's included, gets them without writing a line.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str | None = None
     weight: Weight = 1.0
+    schedule: ScheduleSpec | None = None
+    """Multiplies `weight` by a function of the optimizer step (kdcompose.schedules); a base
+    weight of 0 keeps the term off whatever the schedule says."""
+    log_raw: StrictBool = False
+    """Also log the unweighted value as `<metric>_raw` (the weighted one is always logged)."""
 
 
 @dataclass(frozen=True)
