@@ -1,0 +1,151 @@
+"""`kdcompose train CONFIG.yaml`: validate everything, then run ms-swift's RLHF pipeline.
+
+Order matters: the YAML, every ms-swift argument name, the teacher and the unsupported GKD
+settings are checked before `RLHFArguments` exists (its construction already reads model
+files), so a bad config costs seconds and names its dotted path. Then the composition is
+attached to the arguments (see `spec`), ms-swift's trainer mapping for `gkd` is pointed at
+`KDComposeGKDTrainer`, the loss formula is printed, and `rlhf_main` runs.
+
+With `NPROC_PER_NODE` / `NNODES` set (ms-swift's convention), the validated command is
+re-launched under `torch.distributed.run`, one `kdcompose train` per process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from kdcompose.composer import build_composer
+from kdcompose.config import KDConfig, load_config
+from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.integrations.swift import TRAINER_PATH
+from kdcompose.integrations.swift.args import (
+    coerce_to_fields,
+    missing_teacher_issue,
+    swift_argument_fields,
+    teacher_terms,
+    unknown_argument_issues,
+    unsupported_setting_issues,
+)
+from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+_TORCHRUN_ENV = ("NPROC_PER_NODE", "MASTER_PORT", "NNODES", "NODE_RANK", "MASTER_ADDR")
+
+
+def swift_kwargs(config: KDConfig) -> dict[str, Any]:
+    """`RLHFArguments` keyword arguments for a config; ConfigError (every problem, with its
+    dotted path) when ms-swift would reject it or kdcompose cannot honour it."""
+    fields = swift_argument_fields()
+    paths = dict(config.arg_paths)
+    issues: list[ConfigIssue] = unknown_argument_issues(config.swift_args, fields, paths)
+    issues += unsupported_setting_issues(config.swift_args, paths)
+    missing = missing_teacher_issue(config.swift_args, teacher_terms(build_composer(config.composition)))
+    if missing is not None:
+        issues.append(missing)
+    rlhf_type = config.swift_args.get("rlhf_type", "gkd")
+    if rlhf_type != "gkd":  # parse_config rejects it too; kept here for configs built in Python
+        issues.append(
+            ConfigIssue(paths.get("rlhf_type", "rlhf.rlhf_type"), f"must be gkd, got {rlhf_type!r}")
+        )
+    if issues:
+        raise ConfigError(issues, source=config.source)
+    kwargs = coerce_to_fields(config.swift_args, fields)
+    kwargs["rlhf_type"] = "gkd"
+    return kwargs
+
+
+def select_trainer() -> str:
+    """Point ms-swift's `gkd` trainer entry at kdcompose's trainer; returns the previous entry."""
+    from swift.trainers import TrainerFactory
+
+    previous = TrainerFactory.TRAINER_MAPPING["gkd"]
+    TrainerFactory.TRAINER_MAPPING["gkd"] = TRAINER_PATH
+    return previous
+
+
+@contextmanager
+def trainer_selected() -> Iterator[None]:
+    """`select_trainer` for the duration of a block (restores ms-swift's entry afterwards)."""
+    from swift.trainers import TrainerFactory
+
+    previous = select_trainer()
+    try:
+        yield
+    finally:
+        TrainerFactory.TRAINER_MAPPING["gkd"] = previous
+
+
+def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
+    """`RLHFArguments` with the composition and `llm_kd_weight` attached to it and to its
+    `training_args` (ms-swift builds those inside `RLHFArguments.__post_init__`)."""
+    from swift import RLHFArguments
+
+    from kdcompose.integrations.swift.spec import attach
+
+    args = RLHFArguments(**kwargs)
+    attach(args, config.composition)
+    attach(args.training_args, config.composition)
+    return args
+
+
+def run(config: KDConfig) -> Any:
+    """Train with an already validated config and `swift_kwargs(config)`; returns ms-swift's result."""
+    from swift import rlhf_main
+
+    kwargs = swift_kwargs(config)
+    with trainer_selected():
+        return rlhf_main(build_arguments(config, kwargs))
+
+
+def _torchrun_command(config_path: str) -> list[str] | None:
+    if os.environ.get("LOCAL_RANK") is not None:
+        return None  # already one of the launched processes
+    if os.environ.get("NPROC_PER_NODE") is None and os.environ.get("NNODES") is None:
+        return None
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    for key in _TORCHRUN_ENV:
+        if os.environ.get(key) is not None:
+            launcher += [f"--{key.lower()}", os.environ[key]]
+    return [*launcher, "-m", "kdcompose.cli", "train", config_path]
+
+
+def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """The `kdcompose train` command; returns the exit code (2: invalid config, 1: failure)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc.render(), file=stderr)
+        return EXIT_INVALID
+    try:
+        prepare_swift_import()
+    except SwiftUnavailableError as exc:
+        print(f"kdcompose train: {exc}", file=stderr)
+        return EXIT_FAILED
+    try:
+        swift_kwargs(config)
+    except ConfigError as exc:
+        print(exc.render(), file=stderr)
+        return EXIT_INVALID
+
+    composer = build_composer(config.composition)
+    command = _torchrun_command(config_path)
+    if command is not None:
+        print(
+            f"kdcompose: {composer.formula()}\nkdcompose: launching {' '.join(command)}",
+            file=stdout,
+            flush=True,
+        )
+        return subprocess.run(command, check=False).returncode
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
+    run(config)
+    return EXIT_OK

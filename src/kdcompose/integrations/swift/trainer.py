@@ -1,0 +1,424 @@
+"""`KDComposeGKDTrainer`: ms-swift's GKD trainer whose loss is a kdcompose `LossComposer`.
+
+Only `compute_loss` is replaced, so everything else stays ms-swift's: on-policy rollouts
+(`lmbda`), the DeepSpeed / FSDP-prepared teacher, `offload_teacher_model`,
+`logits_to_keep`, gradient accumulation, evaluation, logging. The override is glue with no
+loss math: run the student, run the teacher only when an active term needs it (and only
+its vision tower when no active term needs its language model), build the `LossContext`
+with logits and labels aligned exactly as ms-swift aligns them, call the composer, and
+record each active term's weighted value under its metric key.
+
+With the stock composition (`lm_jsd` weight 1 plus `ce` weight `sft_alpha`) the loss equals
+ms-swift's `GKDTrainer.compute_loss`: JSD averaged over the tokens that carry a label (per
+micro-batch, as ms-swift does; `num_items_in_batch` is accepted and, as there, not used),
+plus the CE on dataset batches only.
+
+Importing this module imports ms-swift (after readying torchvision and checking the
+version), so import it only when a run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+from kdcompose.integrations.swift.runtime import prepare_swift_import
+
+prepare_swift_import()
+
+from swift.rlhf_trainers.gkd_loss import DataSource  # noqa: E402
+from swift.rlhf_trainers.gkd_trainer import GKDTrainer  # noqa: E402
+from swift.trainers import disable_gradient_checkpointing  # noqa: E402
+from swift.utils import get_logger  # noqa: E402
+
+from kdcompose.composer import CompositionOutput, LossComposer, build_composer  # noqa: E402
+from kdcompose.errors import ConfigError, ConfigIssue  # noqa: E402
+from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # noqa: E402
+from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
+from kdcompose.integrations.swift.metrics import record  # noqa: E402
+from kdcompose.integrations.swift.spec import LLM_KD_WEIGHT_ATTR, composition_for  # noqa: E402
+from kdcompose.terms.base import LossContext  # noqa: E402
+
+logger = get_logger()
+
+IGNORE_INDEX = -100
+OPSD_COLUMNS = ("teacher_prompt", "teacher_images")
+"""Dataset columns that make ms-swift run on-policy self-distillation (OPSD)."""
+
+
+class KDComposeGKDTrainer(GKDTrainer):
+    """ms-swift GKD with a composed loss. `kd_composer` (Python use) overrides the composition
+    the launcher or plugin handed over; without either, the stock GKD loss is composed."""
+
+    def __init__(self, model: Any = None, *args: Any, kd_composer: LossComposer | None = None, **kwargs: Any):
+        _reject_unsupported(kwargs)
+        super().__init__(model, *args, **kwargs)
+        self._vocab_size = _tokenizer_size(self.template)
+        self._student_recorder = self._teacher_recorder = None
+        if kd_composer is None:
+            composition, origin = composition_for(self.args)
+            kd_composer = build_composer(composition)
+        else:
+            origin = "the kd_composer argument"
+        self.use_composer(kd_composer)
+        if self.accelerator.is_main_process:
+            logger.info(f"kdcompose: {kd_composer.formula()} (composition from {origin})")
+
+    def use_composer(self, composer: LossComposer) -> None:
+        """Train with `composer` from now on: checks it against this trainer (teacher, vocab,
+        feature modules) and re-hooks the feature targets it needs."""
+        previous = getattr(self, "kd_composer", None), getattr(self, "_kd_needs", None)
+        self.kd_composer, self._kd_needs = composer, composer.needs
+        try:
+            self._check_needs_supported()
+            self._check_teacher()
+            self._check_no_opsd_columns()
+            self._check_vocab()
+            recorders = self._build_recorders()
+        except Exception:
+            self.kd_composer, self._kd_needs = previous
+            raise
+        self._close_recorders()
+        self._student_recorder, self._teacher_recorder = recorders
+        self._kd_split: tuple[LossComposer, LossComposer] | None = None
+        lm_jsd = next((t for t in composer.active_terms if t.name == "lm_jsd"), None)
+        setattr(self.args, LLM_KD_WEIGHT_ATTR, lm_jsd.weight if lm_jsd is not None else 0.0)
+
+    def _close_recorders(self) -> None:
+        for recorder in {id(r): r for r in (self._student_recorder, self._teacher_recorder) if r}.values():
+            recorder.close()
+        self._student_recorder = self._teacher_recorder = None
+
+    # ------------------------------------------------------------------ construction checks
+
+    def _check_needs_supported(self) -> None:
+        needs = self._kd_needs
+        if needs.student_hidden or needs.teacher_hidden:
+            names = [
+                t.name
+                for t in self.kd_composer.active_terms
+                if t.needs.student_hidden or t.needs.teacher_hidden
+            ]
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        f"rlhf.loss_terms.{n}",
+                        "needs hidden states, which the ms-swift trainer does not "
+                        "provide; use a term that reads logits or features",
+                    )
+                    for n in names
+                ],
+                source="kdcompose ms-swift trainer",
+            )
+
+    def _check_teacher(self) -> None:
+        if not self._kd_needs.teacher:
+            return
+        if self.teacher_model is None and not self._teacher_use_disable_adapter:
+            names = ", ".join(t.name for t in self.kd_composer.active_terms if t.needs.teacher)
+            raise ConfigError.single(
+                "teacher_model",
+                f"the active term(s) {names} need a teacher, but none is loaded (ms-swift would fall back to "
+                "self-distillation with the student as its own teacher, which kdcompose does not support). "
+                "Set `teacher_model` (the same path as `model` with LoRA uses the base model as a fixed "
+                "teacher)",
+                source="ms-swift arguments",
+            )
+
+    def _check_no_opsd_columns(self) -> None:
+        if not self._kd_needs.teacher:
+            return  # the teacher-side encoding is never used
+        for name in ("train_dataset", "eval_dataset"):
+            columns = _column_names(getattr(self, name, None))
+            found = [c for c in OPSD_COLUMNS if c in columns]
+            if found:
+                raise ConfigError.single(
+                    "dataset",
+                    f"the {name.replace('_', ' ')} has column(s) {found}, which make ms-swift run on-policy "
+                    "self-distillation (OPSD) with a different teacher prompt; kdcompose compares "
+                    "student and teacher position by position and does not support OPSD. Remove the "
+                    "column(s) or use ms-swift's stock GKD trainer",
+                    source="ms-swift dataset",
+                )
+
+    def _check_vocab(self) -> None:
+        if not self._kd_needs.teacher_logits:
+            return
+        student = _lm_head_width(self.accelerator.unwrap_model(self.model))
+        teacher_model = self.teacher_model if self.teacher_model is not None else self.model
+        teacher = _lm_head_width(self.accelerator.unwrap_model(teacher_model))
+        if student and teacher:
+            check_vocab_compatible(student, teacher, vocab_size=self._vocab_size)
+
+    def _build_recorders(self) -> tuple[Any, Any]:
+        needs = self._kd_needs
+        if not (needs.student_features or needs.teacher_features):
+            return None, None
+        from kdcompose.features import FeatureRecorder
+
+        targets = self._feature_targets()
+        student = FeatureRecorder(self.model, {n: targets[n] for n in sorted(needs.student_features)})
+        if not needs.teacher_features:
+            return student, None
+        teacher_targets = {n: targets[n] for n in sorted(needs.teacher_features)}
+        if self.teacher_model is None:  # LoRA base model as teacher: same modules, separate recordings
+            if set(teacher_targets) <= set(needs.student_features):
+                return student, student
+            return student, FeatureRecorder(self.model, teacher_targets, detach=True)
+        return student, FeatureRecorder(self.teacher_model, teacher_targets, detach=True)
+
+    def _feature_targets(self) -> dict[str, str | None]:
+        """Target name -> module path override (None: the default path), from the active terms."""
+        needs = self._kd_needs
+        overrides: dict[str, str] = {}
+        for term in self.kd_composer.active_terms:
+            for name, target in (getattr(term, "targets", None) or {}).items():
+                module = getattr(target, "module", None)
+                if module is None:
+                    continue
+                if overrides.get(name, module) != module:
+                    raise ConfigError.single(
+                        f"rlhf.loss_terms.{term.name}.{name}.module",
+                        f"target {name!r} is hooked at {overrides[name]!r} by another term; one target name "
+                        "must mean one module",
+                    )
+                overrides[name] = module
+        return {name: overrides.get(name) for name in needs.student_features | needs.teacher_features}
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = inputs["model_inputs"]
+        teacher_inputs = inputs["teacher_model_inputs"]
+        student_generated = inputs["gkd_batch"].data_source == DataSource.STUDENT
+        step = int(self.state.global_step)
+        needs = self._needs_at(step)
+        if needs.teacher:
+            _reject_opsd_batch(model_inputs, teacher_inputs)
+
+        # As ms-swift: trim each forward to its completion region; each side keeps its own labels.
+        if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
+            self.prepare_logits_to_keep(model_inputs)
+            if needs.teacher_language_model:
+                self.prepare_logits_to_keep(teacher_inputs)
+
+        forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
+        with _capture(self._student_recorder) as student_features:
+            outputs_student = model(**forward_inputs)
+
+        teacher_logits, teacher_features = None, {}
+        if needs.teacher:
+            teacher_logits, teacher_features = self._teacher_forward(
+                model, teacher_inputs, language_model=needs.teacher_language_model
+            )
+
+        output = self._compose(
+            model_inputs,
+            teacher_inputs,
+            outputs_student.logits,
+            teacher_logits,
+            student_features,
+            teacher_features,
+            student_generated,
+            step,
+        )
+        mode = "train" if self.model.training else "eval"
+        record(self.custom_metrics[mode], output.metrics(), self.args.device)
+        loss = output.total
+        return (loss, outputs_student) if return_outputs else loss
+
+    def _needs_at(self, step: int) -> Any:
+        """What the terms that run at `step` need: a term scheduled to weight 0 at this step
+        does not make the teacher run (the schedule is a function of the step, so every rank
+        decides alike)."""
+        needs_at = getattr(self.kd_composer, "needs_at", None)
+        return needs_at(step) if callable(needs_at) else self._kd_needs
+
+    def _teacher_forward(
+        self, model, teacher_inputs: Mapping[str, Any], *, language_model: bool
+    ) -> tuple[torch.Tensor | None, dict]:
+        """The teacher's logits (None when no active term needs its language model) and features."""
+        forward_inputs = {k: v for k, v in teacher_inputs.items() if k != "labels"}
+        gc_kwargs = self.args.gradient_checkpointing_kwargs
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self.teacher_model is None:  # LoRA with teacher_model == model: the base model is the teacher
+                target = model
+                stack.enter_context(self.accelerator.unwrap_model(model).disable_adapter())
+            else:
+                target = self.teacher_model
+                stack.enter_context(self.load_teacher_model_context())
+            stack.enter_context(disable_gradient_checkpointing(target, gc_kwargs))
+            logits = None
+            with _capture(self._teacher_recorder) as features:
+                if language_model or not self._run_vision_only(target, forward_inputs):
+                    logits = target(**forward_inputs).logits
+        return logits, features
+
+    def _run_vision_only(self, target, forward_inputs: Mapping[str, Any]) -> bool:
+        """Run only the teacher's vision tower (features without the language model); False when
+        that cannot reproduce what a full forward records, so the caller runs the full forward."""
+        if self.is_fsdp_enabled or _zero3_enabled():
+            return False  # sharded parameters: keep every rank's collectives identical
+        images = forward_inputs.get("pixel_values")
+        videos = forward_inputs.get("pixel_values_videos")
+        if images is not None and videos is not None:
+            return False  # a full forward may encode both in one vision call; keep its call pattern
+        unwrapped = self.accelerator.unwrap_model(target)
+        if images is not None:
+            fn = getattr(unwrapped, "get_image_features", None)
+            if fn is None:
+                return False
+            fn(pixel_values=images, image_grid_thw=forward_inputs.get("image_grid_thw"))
+        elif videos is not None:
+            fn = getattr(unwrapped, "get_video_features", None)
+            if fn is None:
+                return False
+            fn(pixel_values_videos=videos, video_grid_thw=forward_inputs.get("video_grid_thw"))
+        return True  # a text-only batch has no teacher features to record
+
+    def _compose(
+        self,
+        model_inputs: Mapping[str, Any],
+        teacher_inputs: Mapping[str, Any],
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        student_features: Mapping[str, list[torch.Tensor]],
+        teacher_features: Mapping[str, list[torch.Tensor]],
+        student_generated: bool,
+        step: int,
+    ) -> CompositionOutput:
+        # ms-swift's alignment (GKDTrainer._compute_jsd_loss): logits at i predict labels[i + 1].
+        labels = torch.roll(model_inputs["labels"], shifts=-1, dims=1)
+        has_images = any(model_inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        ctx = LossContext(
+            labels=labels,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            student_features=student_features,
+            teacher_features=teacher_features,
+            student_generated=student_generated,
+            has_images=has_images,
+            step=step,
+        )
+        if teacher_logits is None or teacher_logits.shape[-1] == student_logits.shape[-1]:
+            return self.kd_composer(ctx)
+
+        # Vocabularies that differ by padding: as ms-swift, the KD terms compare the labelled
+        # positions with both sides widened; the other terms keep the student's own logits.
+        mask = labels != IGNORE_INDEX
+        teacher_mask = torch.roll(teacher_inputs["labels"], shifts=-1, dims=1) != IGNORE_INDEX
+        student_active, teacher_active = align_vocab(
+            student_logits[mask], teacher_logits[teacher_mask], vocab_size=self._vocab_size
+        )
+        kd_ctx = LossContext(
+            labels=labels[mask],
+            student_logits=student_active,
+            teacher_logits=teacher_active,
+            student_features=student_features,
+            teacher_features=teacher_features,
+            student_generated=student_generated,
+            has_images=has_images,
+            step=ctx.step,
+        )
+        kd_composer, own_composer = self._split_composers()
+        outputs = [c(x) for c, x in ((kd_composer, kd_ctx), (own_composer, ctx)) if c.active_terms]
+        return CompositionOutput(
+            total=torch.stack([o.total for o in outputs]).sum(),
+            terms=tuple(t for o in outputs for t in o.terms),
+        )
+
+    def _split_composers(self) -> tuple[LossComposer, LossComposer]:
+        """Terms that compare teacher and student logits, and the rest (built once)."""
+        if self._kd_split is None:
+            terms = self.kd_composer.active_terms
+            self._kd_split = (
+                LossComposer(t for t in terms if t.needs.teacher_logits),
+                LossComposer(t for t in terms if not t.needs.teacher_logits),
+            )
+        return self._kd_split
+
+
+# ---------------------------------------------------------------------- helpers (no loss math)
+
+
+def _reject_unsupported(kwargs: Mapping[str, Any]) -> None:
+    training_args = kwargs.get("args")
+    values = {
+        "teacher_model_server": kwargs.get("teacher_model_server"),
+        "gkd_logits_topk": kwargs.get("gkd_logits_topk"),
+        "use_liger_kernel": getattr(training_args, "use_liger_kernel", False),
+    }
+    issues = unsupported_setting_issues(values)
+    if issues:
+        raise ConfigError(issues, source="ms-swift arguments")
+
+
+def _reject_opsd_batch(model_inputs: Mapping[str, Any], teacher_inputs: Mapping[str, Any]) -> None:
+    # Without OPSD ms-swift hands the teacher the student's encoding (a copy of the same dict).
+    if teacher_inputs.get("input_ids") is not model_inputs.get("input_ids"):
+        raise ConfigError.single(
+            "dataset",
+            "this batch carries a separate teacher encoding (OPSD: a `teacher_prompt` / `teacher_images` "
+            "column); kdcompose compares student and teacher position by position and does not support OPSD",
+            source="ms-swift batch",
+        )
+
+
+@contextmanager
+def _capture(recorder: Any) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Features recorded by `recorder` during the block; they stay readable after it."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    if recorder is None:
+        yield captured
+        return
+    with recorder.recording():
+        yield captured
+        captured.update(recorder.features())
+
+
+def _zero3_enabled() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers always has it in the tested range
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _tokenizer_size(template: Any) -> int | None:
+    tokenizer = getattr(template, "tokenizer", None)
+    try:
+        return len(tokenizer) if tokenizer is not None else None
+    except TypeError:
+        return None
+
+
+def _lm_head_width(model: Any) -> int | None:
+    """Rows of the LM head (works under ZeRO-3, where the weight itself is partitioned)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        width = getattr(head, "out_features", None)
+        if width:
+            return int(width)
+        weight = getattr(head, "weight", None)
+        shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", None)
+        if shape is not None and len(shape) and shape[0]:
+            return int(shape[0])
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "vocab_size", None)
+
+
+def _column_names(dataset: Any) -> list[str]:
+    for candidate in (dataset, getattr(dataset, "dataset", None)):
+        names = getattr(candidate, "column_names", None)
+        if isinstance(names, (list, tuple)):
+            return list(names)
+    return []
+
+
+__all__ = ["KDComposeGKDTrainer"]
