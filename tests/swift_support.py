@@ -146,6 +146,7 @@ def composed(
     for key, value in gkd.items():
         setattr(trainer.args, key, value)
     trainer.use_composer(composer)
+    trainer.kd_reset_metrics()  # what earlier tests computed outside a block is not this block's
     try:
         yield composer
     finally:
@@ -154,12 +155,15 @@ def composed(
         trainer.use_composer(saved_composer)
         for mode in ("train", "eval"):
             trainer.custom_metrics[mode].clear()
+        trainer.kd_reset_metrics()
 
 
 def metric_values(trainer: Any, mode: str = "train") -> dict[str, float]:
     """What ms-swift would log for the metrics recorded since the last call (and reset them)."""
     prefix = "eval_" if mode == "eval" else ""
-    return trainer.compute_custom_metrics(trainer.custom_metrics[mode], prefix)
+    values = trainer.compute_custom_metrics(trainer.custom_metrics[mode], prefix)
+    values.update(trainer.kd_metric_values(mode))
+    return values
 
 
 class ForwardCounter:

@@ -85,6 +85,12 @@ def _train(args: argparse.Namespace) -> int:
     return train(args.config)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kdcompose.demo import run_demo
+
+    return run_demo(args.output_dir, args.steps)
+
+
 def _plugin_path(args: argparse.Namespace) -> int:
     from kdcompose.integrations.swift import plugin_path
 
@@ -127,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with ms-swift's GKD pipeline and the config's loss composition")
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "demo",
+        help="train a tiny random teacher/student VLM on synthetic images on CPU (lm_jsd + ce + visual_kd)",
+    )
+    p.add_argument("--output-dir", default="kdcompose-demo", metavar="DIR", help="default: ./kdcompose-demo")
+    p.add_argument("--steps", type=int, default=40, metavar="N", help="optimizer steps (default: 40)")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser(
         "plugin-path", help="print the path of the ms-swift plugin (for `swift rlhf --external_plugins`)"

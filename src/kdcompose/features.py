@@ -6,7 +6,10 @@ inside `recording()` — the loss forward. Anything that runs the same modules o
 backward, evaluation generation) is ignored, so the features used are always the ones of
 the forward whose loss is being built. Records are cleared on entry and on exit, so no
 feature tensor outlives its step, and `close()` (or leaving the `with` block) removes
-every hook even when training fails.
+every hook even when training fails. A closed recorder keeps the modules it resolved:
+`open()` hooks them again, and `recording()` on a closed recorder hooks them only for the
+block, so a loss computed after training (e.g. a later `evaluate()`) still sees its
+features without leaving a hook behind.
 """
 
 from __future__ import annotations
@@ -101,15 +104,13 @@ class FeatureRecorder:
         self._recording = False
         self._detach = detach
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._modules: list[tuple[str, nn.Module]] = []
         self.hooked: list[HookedModule] = []
-        try:
-            for target, override in targets.items():
-                for path, module in self._modules_for(model, target, override):
-                    self._handles.append(module.register_forward_hook(self._hook(target)))
-                    self.hooked.append(HookedModule(target, path))
-        except Exception:
-            self.close()
-            raise
+        for target, override in targets.items():  # resolve everything first: a bad path hooks nothing
+            for path, module in self._modules_for(model, target, override):
+                self._modules.append((target, module))
+                self.hooked.append(HookedModule(target, path))
+        self.open()
 
     @staticmethod
     def _modules_for(model: nn.Module, target: str, override: str | None) -> Sequence[tuple[str, nn.Module]]:
@@ -134,10 +135,25 @@ class FeatureRecorder:
 
         return hook
 
+    def open(self) -> None:
+        """(Re-)register the hooks; idempotent."""
+        if self._handles:
+            return
+        try:
+            for target, module in self._modules:
+                self._handles.append(module.register_forward_hook(self._hook(target)))
+        except Exception:
+            self.close()
+            raise
+
     @contextmanager
     def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Record during the block; the records are cleared on entry and on exit, so read
-        them (`features()`) and build the loss inside the block."""
+        them (`features()`) and build the loss inside the block. A closed recorder is hooked
+        for the block only."""
+        temporary = not self._handles
+        if temporary:
+            self.open()
         self.clear()
         self._recording = True
         try:
@@ -145,6 +161,8 @@ class FeatureRecorder:
         finally:
             self._recording = False
             self.clear()
+            if temporary:
+                self._remove_hooks()
 
     def features(self) -> dict[str, list[torch.Tensor]]:
         return {name: list(tensors) for name, tensors in self._records.items()}
@@ -158,12 +176,15 @@ class FeatureRecorder:
         return bool(self._handles)
 
     def close(self) -> None:
-        """Remove every hook and drop every record (idempotent)."""
+        """Remove every hook and drop every record (idempotent; `open()` hooks again)."""
+        self._remove_hooks()
+        self.clear()
+        self._recording = False
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.clear()
-        self._recording = False
 
     def __enter__(self) -> FeatureRecorder:
         return self

@@ -18,7 +18,8 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
         if student.shape[:-1] == teacher.shape[:-1]:
             hint = (
                 f" The feature widths differ ({student.shape[-1]} vs {teacher.shape[-1]}): "
-                "enable a projector for this target to map the student's width to the teacher's."
+                "set `projector: linear` on the visual_kd target to learn a map from the student's "
+                "width to the teacher's."
             )
         raise ValueError(
             f"student feature shape {tuple(student.shape)} != teacher feature shape "

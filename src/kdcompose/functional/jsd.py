@@ -23,11 +23,11 @@ their meaning when moved from TRL / ms-swift to kdcompose.
 
 Why a custom autograd function: the textbook formula materialises ``log_softmax`` of both
 models, the mixture, the stacked ``logsumexp`` input and the KL terms for every token, and
-autograd keeps most of them for backward -- 12-15 logits-sized tensors at Qwen's 151,936-token
-vocabulary. :class:`_GeneralizedJSD` instead walks over the valid tokens in chunks, computes
-the value *and* the closed-form gradient of each chunk in forward (in reused fp32 work buffers)
-and keeps only the gradient, so the extra memory is one logits-sized tensor plus a few
-chunk-sized buffers.
+autograd keeps most of them for backward -- 12 fp32 logits-sized tensors beyond the inputs,
+measured at Qwen's 151,936-token vocabulary (``docs/performance.md``). :class:`_GeneralizedJSD`
+instead walks over the valid tokens in chunks, computes the value *and* the closed-form
+gradient of each chunk in forward (in reused fp32 work buffers) and keeps only the gradient,
+so the extra memory is one logits-sized tensor plus a few chunk-sized buffers.
 """
 
 from __future__ import annotations
@@ -450,7 +450,10 @@ def generalized_jsd(
     Softmax math runs in fp32 whatever the input precision (a bf16 teacher with an fp32 student
     cannot give a negative JSD). The student's gradient is computed during forward and stored
     (one ``[valid_tokens, V]`` tensor in the student's dtype); it is handed to autograd on the
-    first backward, so backpropagating twice through one call raises ``RuntimeError``.
+    first backward, so backpropagating twice through one call raises ``RuntimeError``. When all
+    positions are valid it becomes the logits' gradient as is; otherwise backward scatters it
+    into a zero-filled tensor of the logits' shape (by then the logits themselves are usually
+    freed by the caller, which is why forward does not allocate the full shape up front).
     """
     total, _ = _jsd_total(student_logits, teacher_logits, labels, beta, temperature, chunk_size, True)
     return total

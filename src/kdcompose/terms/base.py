@@ -9,13 +9,14 @@ composer's job, so a term cannot get them wrong.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictBool
 
+from kdcompose.nonfinite import OnNonFinite
 from kdcompose.schedules import ScheduleSpec
 from kdcompose.schema.types import Weight
 
@@ -37,6 +38,9 @@ class TermSpec(BaseModel):
     weight of 0 keeps the term off whatever the schedule says."""
     log_raw: StrictBool = False
     """Also log the unweighted value as `<metric>_raw` (the weighted one is always logged)."""
+    on_nonfinite: OnNonFinite = "error"
+    """What the trainer does when this term is NaN/inf: `error` stops before the step is
+    applied, naming the term and step; `skip_step` skips the optimizer step (kdcompose.nonfinite)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class LossContext:
     """True when the completion was sampled from the student (on-policy GKD batch)."""
     has_images: bool | None = None
     """None when unknown; False lets feature terms skip text-only batches."""
+    projectors: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    """Feature projectors by `kdcompose.projectors.projector_key(term, target)`: the trainable
+    student->teacher width maps of targets configured with `projector:` (trained with the student)."""
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -6,6 +6,7 @@ import torch
 from pydantic import StrictBool
 
 from kdcompose.functional import masked_cross_entropy
+from kdcompose.normalization import STEP_TOKEN_DENOMINATOR, TokenNormalization, token_normalized
 from kdcompose.registry import register_term
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec
 
@@ -15,6 +16,9 @@ class CeSpec(TermSpec):
     student sampled itself is not a target worth imitating, so by default neither do we."""
 
     on_student_generated: StrictBool = False
+    normalize: TokenNormalization = "micro_batch"
+    """`micro_batch` (ms-swift) or `global_tokens`: the labelled tokens of the whole optimizer
+    step, all micro-batches and ranks (kdcompose.normalization)."""
 
 
 @register_term("ce")
@@ -35,7 +39,11 @@ class CeTerm(LossTerm):
     def compute(self, ctx: LossContext) -> torch.Tensor:
         if ctx.student_logits is None or ctx.labels is None:
             raise ValueError(f"term {self.name!r} needs student logits and labels in the loss context")
-        return masked_cross_entropy(ctx.student_logits, ctx.labels)
+        mean = masked_cross_entropy(ctx.student_logits, ctx.labels)
+        return token_normalized(mean, ctx.labels, self.spec.normalize, ctx.extras.get(STEP_TOKEN_DENOMINATOR))
 
     def describe(self) -> str:
-        return self.name if not self.spec.on_student_generated else f"{self.name}(all batches)"
+        options = ["all batches"] if self.spec.on_student_generated else []
+        if self.spec.normalize == "global_tokens":
+            options.append("global_tokens")
+        return f"{self.name}({', '.join(options)})" if options else self.name

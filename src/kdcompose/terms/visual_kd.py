@@ -4,16 +4,22 @@ Features are recorded with forward hooks by the trainer (see the ms-swift integr
 this term only compares what was recorded. Each target has its own weight and distance;
 the term's value is the weighted sum over enabled targets, and each target's share is
 reported as a part so dashboards can show `vision_kd_loss_<target>`.
+
+A target whose student and teacher widths differ needs `projector: linear`: the student's
+features then go through a trainable linear map (`kdcompose.projectors`, built and owned
+by the trainer, handed over in `LossContext.projectors`) before the distance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
 from kdcompose.functional import feature_distance
+from kdcompose.projectors import FeatureWidthError, projector_key, width_mismatch_message
 from kdcompose.registry import register_term
 from kdcompose.schema.types import Weight
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
@@ -33,6 +39,10 @@ class VisualTargetSpec(BaseModel):
     module: StrictStr | None = None
     """Module path override (e.g. `model.vision_tower.proj`) for model families whose
     layout kdcompose does not know; relative to the unwrapped model."""
+    projector: Literal["linear"] | None = None
+    """`linear`: map the student's features to the teacher's width with a trainable linear
+    layer before the distance (needed when the widths differ, e.g. the aligner of a smaller
+    student). Trained with the student and saved in its checkpoints (kdcompose.projectors)."""
 
     @property
     def active(self) -> bool:
@@ -97,18 +107,42 @@ class VisualKdTerm(LossTerm):
                     f"but {len(teacher)} teacher one(s); student and teacher must have the same "
                     "modules for this target"
                 )
-            distances = [
-                feature_distance(s, t, target.distance) for s, t in zip(student, teacher, strict=True)
-            ]
+            project = self._projector(ctx, name, target)
+            distances = []
+            for s, t in zip(student, teacher, strict=True):
+                if project is not None:
+                    s = project(s)
+                elif s.shape[-1] != t.shape[-1]:
+                    raise FeatureWidthError(width_mismatch_message(self.name, name, s.shape[-1], t.shape[-1]))
+                distances.append(feature_distance(s, t, target.distance))
             parts[name] = target.weight * torch.stack(distances).mean()
         if not parts:
             raise ValueError(f"term {self.name!r}: no features recorded for targets {sorted(self.targets)}")
         value = torch.stack(list(parts.values())).sum()
         return TermValue(value=value, parts=parts)
 
+    def _projector(
+        self, ctx: LossContext, name: str, target: VisualTargetSpec
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if target.projector is None:
+            return None
+        project = ctx.projectors.get(projector_key(self.name, name))
+        if project is None:
+            raise ValueError(
+                f"term {self.name!r}, target {name!r} is configured with `projector: {target.projector}` but "
+                "the loss context carries no projector for it: the ms-swift trainer builds them; in your own "
+                "loop build them with kdcompose.projectors.plan_projectors / attach_projectors and pass "
+                "them as LossContext.projectors"
+            )
+        return project
+
     def describe(self) -> str:
-        inner = ", ".join(
-            f"{t.weight:g}*{name}:{t.distance}" if t.weight != 1 else f"{name}:{t.distance}"
-            for name, t in self.targets.items()
-        )
+        inner = ", ".join(_describe_target(name, t) for name, t in self.targets.items())
         return f"{self.name}({inner})"
+
+
+def _describe_target(name: str, target: VisualTargetSpec) -> str:
+    text = f"{name}:{target.distance}"
+    if target.projector is not None:
+        text += f"+{target.projector}_projector"
+    return text if target.weight == 1 else f"{target.weight:g}*{text}"

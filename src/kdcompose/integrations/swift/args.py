@@ -31,7 +31,8 @@ UNSUPPORTED_SETTINGS: dict[str, str] = {
     ),
     "use_liger_kernel": (
         "with it ms-swift computes its own fused JSD from hidden states and bypasses the loss composition; "
-        "set `use_liger_kernel: false`"
+        "set `use_liger_kernel: false` (`loss_terms.lm_jsd.fused: true` gives the same memory saving: no "
+        "full logits of either model)"
     ),
 }
 """ms-swift GKD settings that would make ms-swift train something other than the composition,

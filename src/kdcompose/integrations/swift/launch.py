@@ -13,6 +13,7 @@ re-launched under `torch.distributed.run`, one `kdcompose train` per process.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,10 @@ from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, the shell convention for a run stopped with Ctrl-C."""
+INTERRUPT_GRACE_S = 60
+"""How long Ctrl-C waits for torchrun's workers to stop before they are terminated."""
 _TORCHRUN_ENV = ("NPROC_PER_NODE", "MASTER_PORT", "NNODES", "NODE_RANK", "MASTER_ADDR")
 
 
@@ -144,8 +149,43 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
             file=stdout,
             flush=True,
         )
-        return subprocess.run(command, check=False).returncode
+        return _run_launcher(command, stderr)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
-    run(config)
+    from kdcompose.nonfinite import NonFiniteLossError
+
+    try:
+        run(config)
+    except KeyboardInterrupt:
+        print(_INTERRUPTED, file=stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except NonFiniteLossError as exc:
+        print(f"kdcompose train: {exc}", file=stderr, flush=True)
+        return EXIT_FAILED
+    except ConfigError as exc:  # found once the models are loaded (trainer checks): still a config problem
+        print(exc.render(), file=stderr, flush=True)
+        return EXIT_INVALID
     return EXIT_OK
+
+
+_INTERRUPTED = (
+    "kdcompose train: interrupted (Ctrl-C). Training stopped and its feature hooks were removed; "
+    "checkpoints saved so far are kept (resume with `resume_from_checkpoint: <checkpoint folder>`)."
+)
+
+
+def _run_launcher(command: list[str], stderr: TextIO) -> int:
+    """Run torchrun; on Ctrl-C pass SIGINT on to it (it stops its workers) instead of killing it,
+    which would leave the workers running."""
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+        print(_INTERRUPTED, file=stderr, flush=True)
+        return EXIT_INTERRUPTED

@@ -6,12 +6,15 @@ Only `compute_loss` is replaced, so everything else stays ms-swift's: on-policy 
 loss math: run the student, run the teacher only when an active term needs it (and only
 its vision tower when no active term needs its language model), build the `LossContext`
 with logits and labels aligned exactly as ms-swift aligns them, call the composer, and
-record each active term's weighted value under its metric key.
+record each active term's weighted value under its metric key. What happens around each
+micro-batch, optimizer step and log row (telemetry, `global_tokens` normalization, NaN/inf,
+resume records, Ctrl-C) lives in `loop.LoopMixin`.
 
 With the stock composition (`lm_jsd` weight 1 plus `ce` weight `sft_alpha`) the loss equals
 ms-swift's `GKDTrainer.compute_loss`: JSD averaged over the tokens that carry a label (per
-micro-batch, as ms-swift does; `num_items_in_batch` is accepted and, as there, not used),
-plus the CE on dataset batches only.
+micro-batch, as ms-swift does; `num_items_in_batch` is accepted and, as there, not used;
+`normalize: global_tokens` on a term divides by the tokens of the whole optimizer step
+instead), plus the CE on dataset batches only.
 
 Importing this module imports ms-swift (after readying torchvision and checking the
 version), so import it only when a run starts.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -34,11 +37,13 @@ from swift.rlhf_trainers.gkd_trainer import GKDTrainer  # noqa: E402
 from swift.trainers import disable_gradient_checkpointing  # noqa: E402
 from swift.utils import get_logger  # noqa: E402
 
+from kdcompose import projectors as _projectors  # noqa: E402
 from kdcompose.composer import CompositionOutput, LossComposer, build_composer  # noqa: E402
 from kdcompose.errors import ConfigError, ConfigIssue  # noqa: E402
 from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # noqa: E402
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
-from kdcompose.integrations.swift.metrics import record  # noqa: E402
+from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
+from kdcompose.integrations.swift.loop import LoopMixin  # noqa: E402
 from kdcompose.integrations.swift.spec import LLM_KD_WEIGHT_ATTR, composition_for  # noqa: E402
 from kdcompose.terms.base import LossContext  # noqa: E402
 
@@ -49,7 +54,7 @@ OPSD_COLUMNS = ("teacher_prompt", "teacher_images")
 """Dataset columns that make ms-swift run on-policy self-distillation (OPSD)."""
 
 
-class KDComposeGKDTrainer(GKDTrainer):
+class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
     """ms-swift GKD with a composed loss. `kd_composer` (Python use) overrides the composition
     the launcher or plugin handed over; without either, the stock GKD loss is composed."""
 
@@ -58,12 +63,14 @@ class KDComposeGKDTrainer(GKDTrainer):
         super().__init__(model, *args, **kwargs)
         self._vocab_size = _tokenizer_size(self.template)
         self._student_recorder = self._teacher_recorder = None
+        self._feature_projectors: dict[str, torch.nn.Module] = {}
         if kd_composer is None:
             composition, origin = composition_for(self.args)
             kd_composer = build_composer(composition)
         else:
             origin = "the kd_composer argument"
         self.use_composer(kd_composer)
+        self._kd_init_loop()
         if self.accelerator.is_main_process:
             logger.info(f"kdcompose: {kd_composer.formula()} (composition from {origin})")
 
@@ -77,41 +84,88 @@ class KDComposeGKDTrainer(GKDTrainer):
             self._check_teacher()
             self._check_no_opsd_columns()
             self._check_vocab()
+            projector_plans = self._plan_projectors()
             recorders = self._build_recorders()
         except Exception:
             self.kd_composer, self._kd_needs = previous
             raise
         self._close_recorders()
         self._student_recorder, self._teacher_recorder = recorders
+        self._feature_projectors = _projectors.attach_projectors(
+            self.accelerator.unwrap_model(self.model), projector_plans
+        )
         self._kd_split: tuple[LossComposer, LossComposer] | None = None
         lm_jsd = next((t for t in composer.active_terms if t.name == "lm_jsd"), None)
         setattr(self.args, LLM_KD_WEIGHT_ATTR, lm_jsd.weight if lm_jsd is not None else 0.0)
 
     def _close_recorders(self) -> None:
-        for recorder in {id(r): r for r in (self._student_recorder, self._teacher_recorder) if r}.values():
+        for recorder in self._recorders():
             recorder.close()
         self._student_recorder = self._teacher_recorder = None
+
+    def _recorders(self) -> list[Any]:
+        return list({id(r): r for r in (self._student_recorder, self._teacher_recorder) if r}.values())
+
+    # ------------------------------------------------------------------ lifecycle: hooks, projectors
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Feature hooks are on the models only while training runs: removed when it ends and when
+        it fails (a loss computed afterwards hooks just for its own forward)."""
+        self._kd_run_started(args, kwargs)
+        for recorder in self._recorders():
+            recorder.open()
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            self._kd_interrupted()
+            raise
+        finally:
+            for recorder in self._recorders():
+                recorder.close()
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """ms-swift's save, plus the feature projectors next to the student (kdcompose.projectors)."""
+        super()._save(output_dir, state_dict)
+        _projectors.save_projectors(self._feature_projectors, output_dir or self.args.output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _projectors.load_projectors(self._feature_projectors, resume_from_checkpoint)
 
     # ------------------------------------------------------------------ construction checks
 
     def _check_needs_supported(self) -> None:
+        """Hidden states are read at the LM heads' inputs (`lm_head.tap_lm_head`): check, before
+        training, that every model whose hidden states an active term needs has a head that can be
+        read that way, and that the fused terms' two heads have the same rows."""
         needs = self._kd_needs
-        if needs.student_hidden or needs.teacher_hidden:
-            names = [
-                t.name
-                for t in self.kd_composer.active_terms
-                if t.needs.student_hidden or t.needs.teacher_hidden
-            ]
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        f"rlhf.loss_terms.{n}",
-                        "needs hidden states, which the ms-swift trainer does not "
-                        "provide; use a term that reads logits or features",
-                    )
-                    for n in names
-                ],
-                source="kdcompose ms-swift trainer",
+        if not (needs.student_hidden or needs.teacher_hidden):
+            return
+        terms = [t for t in self.kd_composer.active_terms if t.needs.student_hidden or t.needs.teacher_hidden]
+
+        def fail(message: str) -> NoReturn:
+            issues = [ConfigIssue(f"rlhf.loss_terms.{t.name}", message) for t in terms]
+            raise ConfigError(issues, source="kdcompose ms-swift trainer")
+
+        if self.is_fsdp_enabled or _zero3_enabled() or getattr(self, "is_teacher_ds3", False):
+            fail(
+                "needs hidden states and reads the LM-head weights directly, which FSDP / DeepSpeed ZeRO-3 "
+                "shard; use ZeRO-0/1/2 or DDP (for lm_jsd: `fused: false`)"
+            )
+        rows = {}
+        for side, wanted in (("student", needs.student_hidden), ("teacher", needs.teacher_hidden)):
+            if not wanted:
+                continue
+            try:
+                head = lm_head_of(self.accelerator.unwrap_model(self._lm_module(self.model, side)))
+            except LmHeadUnsupported as error:
+                fail(f"needs the {side}'s final hidden states: {error} (for lm_jsd: `fused: false`)")
+            rows[side] = head.out_features
+        if len(set(rows.values())) > 1 and any(getattr(t.spec, "fused", False) for t in terms):
+            fail(
+                f"fused mode compares the LM heads row by row, but the student's has {rows['student']} rows "
+                f"and the teacher's {rows['teacher']}; vocabularies that differ by padding are aligned only "
+                "on logits: set `fused: false`"
             )
 
     def _check_teacher(self) -> None:
@@ -152,6 +206,19 @@ class KDComposeGKDTrainer(GKDTrainer):
         teacher = _lm_head_width(self.accelerator.unwrap_model(teacher_model))
         if student and teacher:
             check_vocab_compatible(student, teacher, vocab_size=self._vocab_size)
+
+    def _plan_projectors(self) -> list[_projectors.ProjectorPlan]:
+        """Projectors the feature targets ask for; a width mismatch without one fails here, before
+        training, when the model configs tell the widths."""
+        if not self._kd_needs.student_features:
+            return []
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = student if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
+        plans = _projectors.plan_projectors(self.kd_composer.active_terms, student, teacher)
+        for plan in plans if self.accelerator.is_main_process else ():
+            widths = f"{plan.in_width}->{plan.out_width}"
+            logger.info(f"kdcompose: {plan.term}.{plan.target}: {plan.kind} projector {widths}")
+        return plans
 
     def _build_recorders(self) -> tuple[Any, Any]:
         needs = self._kd_needs
@@ -199,6 +266,9 @@ class KDComposeGKDTrainer(GKDTrainer):
         if needs.teacher:
             _reject_opsd_batch(model_inputs, teacher_inputs)
 
+        mode = "train" if self.model.training else "eval"
+        self._kd_prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
+
         # As ms-swift: trim each forward to its completion region; each side keeps its own labels.
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
             self.prepare_logits_to_keep(model_inputs)
@@ -206,28 +276,31 @@ class KDComposeGKDTrainer(GKDTrainer):
                 self.prepare_logits_to_keep(teacher_inputs)
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
-        with _capture(self._student_recorder) as student_features:
+        with (
+            _capture(self._student_recorder) as student_features,
+            self._tap_lm_head(model, "student", needs) as student_head,
+        ):
             outputs_student = model(**forward_inputs)
 
-        teacher_logits, teacher_features = None, {}
+        teacher_logits, teacher_features, teacher_head = None, {}, LmHeadTap()
         if needs.teacher:
-            teacher_logits, teacher_features = self._teacher_forward(
-                model, teacher_inputs, language_model=needs.teacher_language_model
-            )
+            with self._tap_lm_head(model, "teacher", needs) as teacher_head:
+                teacher_logits, teacher_features = self._teacher_forward(
+                    model, teacher_inputs, language_model=needs.teacher_language_model
+                )
 
         output = self._compose(
             model_inputs,
             teacher_inputs,
-            outputs_student.logits,
-            teacher_logits,
+            student_head.logits(outputs_student.logits),
+            teacher_head.logits(teacher_logits),
             student_features,
             teacher_features,
             student_generated,
             step,
+            heads=(student_head, teacher_head),
         )
-        mode = "train" if self.model.training else "eval"
-        record(self.custom_metrics[mode], output.metrics(), self.args.device)
-        loss = output.total
+        loss = self._kd_record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
         return (loss, outputs_student) if return_outputs else loss
 
     def _needs_at(self, step: int) -> Any:
@@ -236,6 +309,18 @@ class KDComposeGKDTrainer(GKDTrainer):
         decides alike)."""
         needs_at = getattr(self.kd_composer, "needs_at", None)
         return needs_at(step) if callable(needs_at) else self._kd_needs
+
+    def _lm_module(self, model, side: str) -> Any:
+        """The model whose LM head is `side`'s (LoRA base model as teacher: the student's own)."""
+        return model if side == "student" or self.teacher_model is None else self.teacher_model
+
+    def _tap_lm_head(self, model, side: str, needs: Any) -> Any:
+        """Fused mode: read `side`'s final hidden states at its LM head's input during its forward,
+        and let the head compute no logits unless a term needs them too (lm_head.tap_lm_head).
+        A no-op when no term needs `side`'s hidden states."""
+        hidden, logits = getattr(needs, f"{side}_hidden"), getattr(needs, f"{side}_logits")
+        target = self.accelerator.unwrap_model(self._lm_module(model, side))
+        return tap_lm_head(target, hidden=hidden, logits=logits, freeze=side == "teacher")
 
     def _teacher_forward(
         self, model, teacher_inputs: Mapping[str, Any], *, language_model: bool
@@ -290,6 +375,7 @@ class KDComposeGKDTrainer(GKDTrainer):
         teacher_features: Mapping[str, list[torch.Tensor]],
         student_generated: bool,
         step: int,
+        heads: tuple[LmHeadTap, LmHeadTap] = (LmHeadTap(), LmHeadTap()),
     ) -> CompositionOutput:
         # ms-swift's alignment (GKDTrainer._compute_jsd_loss): logits at i predict labels[i + 1].
         labels = torch.roll(model_inputs["labels"], shifts=-1, dims=1)
@@ -298,11 +384,17 @@ class KDComposeGKDTrainer(GKDTrainer):
             labels=labels,
             student_logits=student_logits,
             teacher_logits=teacher_logits,
+            student_hidden=heads[0].hidden,
+            teacher_hidden=heads[1].hidden,
+            student_lm_head=heads[0].head,
+            teacher_lm_head=heads[1].head,
             student_features=student_features,
             teacher_features=teacher_features,
             student_generated=student_generated,
             has_images=has_images,
             step=step,
+            projectors=self._feature_projectors,
+            extras=self._kd_context_extras(),
         )
         if teacher_logits is None or teacher_logits.shape[-1] == student_logits.shape[-1]:
             return self.kd_composer(ctx)
@@ -323,6 +415,8 @@ class KDComposeGKDTrainer(GKDTrainer):
             student_generated=student_generated,
             has_images=has_images,
             step=ctx.step,
+            projectors=self._feature_projectors,
+            extras=self._kd_context_extras(),
         )
         kd_composer, own_composer = self._split_composers()
         outputs = [c(x) for c, x in ((kd_composer, kd_ctx), (own_composer, ctx)) if c.active_terms]

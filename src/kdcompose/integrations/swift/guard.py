@@ -1,0 +1,154 @@
+"""`NonFiniteGuard`: stop or skip an optimizer step whose loss terms went NaN/inf.
+
+A transformers `TrainerCallback`, because `on_pre_optimizer_step` is the last moment before
+the optimizer applies the accumulated gradients: there the guard reduces the step's flags
+over ranks (one small all-reduce and one host read per optimizer step; never per
+micro-batch), asks `kdcompose.nonfinite.verdict` what to do, and either
+
+* raises `NonFiniteLossError` naming the term(s) and the step — the weights stay those of
+  the previous step (default, `on_nonfinite: error`), or
+* drops every gradient (`param.grad = None`), so the optimizer leaves the weights and its
+  state untouched, and counts the step in `nonfinite_skipped_steps` (`skip_step`). The step
+  counter and the learning-rate schedule still advance, as for ms-swift's own NaN-grad-norm
+  skip. Every rank reaches the same verdict, so DDP ranks never diverge.
+
+Evaluation has no optimizer step: the flags of an evaluation are checked when it is logged
+(error: raise; skip_step: the batch counts 0, with a warning). The count of skipped steps is
+saved into every checkpoint (`kdcompose_state.json`) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from kdcompose.composer import CompositionOutput, LossComposer
+from kdcompose.integrations.swift.resume import write_checkpoint_state
+from kdcompose.nonfinite import (
+    SKIP_STEP,
+    TOTAL,
+    NonFiniteLossError,
+    OnNonFinite,
+    Verdict,
+    error_message,
+    nonfinite_flags,
+    verdict,
+)
+
+SKIPPED_METRIC = "nonfinite_skipped_steps"
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Per-mode non-finite flags of the active terms, and what happens at the step boundary."""
+
+    def __init__(
+        self, composer: LossComposer, device: torch.device | str, *, engine_steps_in_backward: bool = False
+    ):
+        self.device = torch.device(device)
+        self.engine_steps_in_backward = engine_steps_in_backward
+        """DeepSpeed applies the update inside `backward`: an error then comes one update late."""
+        self.skipped_steps = 0
+        self.configure(composer)
+
+    def configure(self, composer: LossComposer) -> None:
+        terms = composer.active_terms
+        self.names: tuple[str, ...] = (*(t.name for t in terms), TOTAL)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.policies: dict[str, OnNonFinite] = {t.name: t.spec.on_nonfinite for t in terms}
+        self.metric_keys = {t.name: t.metric_key for t in terms}
+        self.flags: dict[str, torch.Tensor] = {}
+        self._row_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _rows(self, names: tuple[str, ...]) -> torch.Tensor:
+        rows = self._row_cache.get(names)
+        if rows is None:
+            rows = self._row_cache[names] = torch.tensor([self.index[n] for n in names], device=self.device)
+        return rows
+
+    @property
+    def may_skip(self) -> bool:
+        """True when some active term allows skipping (then the skip count is logged)."""
+        return any(p == SKIP_STEP for p in self.policies.values())
+
+    # ---------------------------------------------------------------- every micro-batch
+
+    def observe(self, output: CompositionOutput, mode: str) -> torch.Tensor:
+        """OR this micro-batch's flags into the mode's running flags; returns `isfinite(total)`
+        (a 0-d bool tensor, no sync) for the caller to mask the loss and the metrics with."""
+        names = [r.name for r in output.terms] + [TOTAL]
+        flags = nonfinite_flags([r.weighted for r in output.terms] + [output.total]).to(self.device)
+        running = self.flags.get(mode)
+        if running is None:
+            running = self.flags[mode] = torch.zeros(
+                (len(self.names), 2), dtype=torch.bool, device=self.device
+            )
+        rows = self._rows(tuple(names))
+        running[rows] = running[rows] | flags  # names are unique within a micro-batch
+        return torch.isfinite(output.total.detach())
+
+    # ---------------------------------------------------------------- the step boundary
+
+    def take_verdict(self, mode: str) -> Verdict:
+        """Reduce the mode's flags over ranks (MAX), read them once, clear them."""
+        running = self.flags.pop(mode, None)
+        if running is None:
+            running = torch.zeros((len(self.names), 2), dtype=torch.bool, device=self.device)
+        reduced = running.to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return verdict([tuple(map(bool, row)) for row in reduced.tolist()], self.names, self.policies)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flags.clear()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        result = self.take_verdict("train")
+        if result.ok:
+            return
+        if result.error:
+            message = error_message(
+                result.offending,
+                state.global_step,
+                metric_keys=self.metric_keys,
+                applied=self.engine_steps_in_backward,
+            )
+            raise NonFiniteLossError(message, result.culprits, state.global_step + 1)
+        self.skipped_steps += 1
+        _drop_gradients(_parameters(kwargs.get("model"), kwargs.get("optimizer")))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the skip count in the checkpoint just saved, for a resumed run to continue it."""
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            write_checkpoint_state(
+                folder, {SKIPPED_METRIC: self.skipped_steps, "global_step": state.global_step}
+            )
+
+    def check_eval(self, global_step: int) -> Verdict:
+        """After an evaluation: raise for `error` terms, report the rest (the caller warns)."""
+        result = self.take_verdict("eval")
+        if result.error:
+            message = error_message(result.offending, global_step, mode="eval", metric_keys=self.metric_keys)
+            raise NonFiniteLossError(message, result.culprits, global_step)
+        return result
+
+
+def _parameters(model: Any, optimizer: Any) -> Iterable[torch.nn.Parameter]:
+    if model is not None:
+        yield from model.parameters()
+    if optimizer is not None:  # parameters the optimizer holds outside the model (rare)
+        for group in getattr(optimizer, "param_groups", []):
+            yield from group.get("params", [])
+
+
+def _drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    for param in parameters:
+        param.grad = None
+
+
+__all__ = ["SKIPPED_METRIC", "NonFiniteGuard"]

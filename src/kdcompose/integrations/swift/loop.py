@@ -1,0 +1,273 @@
+"""What kdcompose adds around the trainer loop: per micro-batch, per optimizer step, per log.
+
+`LoopMixin` is mixed into `KDComposeGKDTrainer` (before ms-swift's `GKDTrainer`) and keeps
+that class's `compute_loss` to a few calls. Its jobs, each delegating the logic to a pure or
+single-purpose module:
+
+* telemetry (`metrics.TermWindow`): record each micro-batch's term contributions with the
+  weight the trainer's `loss` gives it, and add the reduced values to each log row;
+* token normalization (`kdcompose.normalization`): the `global_tokens` denominator of the
+  current optimizer step, counted once per step from ms-swift's buffered micro-batches and
+  summed over ranks;
+* faults (`guard.NonFiniteGuard`): flag NaN/inf per term, mask the micro-batch, decide at
+  the optimizer step; and a clear message when the run is interrupted (Ctrl-C);
+* resume (`resume`): the composition file in the run folder, the counters in checkpoints.
+
+Relies on ms-swift 4.6 / transformers 5.19 internals that are pinned and tested:
+`current_gradient_accumulation_steps`, GKD's `_step` / `_buffered_inputs` micro-batch
+buffer (one generation batch = `steps_per_generation` micro-batches), and that `log` runs on
+every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers.training_args import ParallelMode
+
+from kdcompose.composer import CompositionOutput, LossComposer
+from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.integrations.swift import resume
+from kdcompose.integrations.swift.guard import SKIPPED_METRIC, NonFiniteGuard
+from kdcompose.integrations.swift.metrics import (
+    TermWindow,
+    eval_batch_weight,
+    split_output,
+    train_micro_batch_weight,
+    zero_where_nonfinite,
+)
+from kdcompose.nonfinite import SKIP_STEP, describe
+from kdcompose.normalization import (
+    GLOBAL_TOKENS,
+    STEP_TOKEN_DENOMINATOR,
+    step_token_denominator,
+    valid_token_count,
+)
+
+
+def _logger() -> Any:
+    from swift.utils import get_logger
+
+    return get_logger()
+
+
+class LoopMixin:
+    """Telemetry, token normalization, non-finite handling and resume state for the trainer."""
+
+    kd_composer: LossComposer
+
+    # ------------------------------------------------------------------ set-up
+
+    def _kd_init_loop(self) -> None:
+        """Call once in the trainer's `__init__`, after the base class is built."""
+        self._kd_windows = {"train": TermWindow(), "eval": TermWindow()}
+        self._kd_denominator: torch.Tensor | None = None
+        self._kd_guard = NonFiniteGuard(
+            self.kd_composer, self.args.device, engine_steps_in_backward=bool(self.is_deepspeed_enabled)
+        )
+        self._kd_guard_composer = self.kd_composer
+        self.add_callback(self._kd_guard)
+
+    def _kd_current_guard(self) -> NonFiniteGuard:
+        """The guard, reconfigured when `use_composer` swapped the composition."""
+        if self._kd_guard_composer is not self.kd_composer:
+            self._kd_guard.configure(self.kd_composer)
+            self._kd_guard_composer = self.kd_composer
+        return self._kd_guard
+
+    def _kd_global_token_terms(self) -> list[str]:
+        return [
+            t.name
+            for t in self.kd_composer.active_terms
+            if getattr(t.spec, "normalize", None) == GLOBAL_TOKENS
+        ]
+
+    # ------------------------------------------------------------------ every micro-batch
+
+    def _kd_prepare_step_tokens(self, mode: str, model_inputs: Mapping[str, Any]) -> None:
+        """Set the `global_tokens` denominator for this micro-batch (None when no active term
+        asks for it, and in evaluation, where each batch is its own step).
+
+        Counted at the first micro-batch of each optimizer step over all the step's
+        micro-batches (ms-swift encodes the whole generation batch up front), then summed over
+        ranks: one all-reduce per optimizer step, no host sync.
+        """
+        if mode != "train" or not self._kd_global_token_terms():
+            self._kd_denominator = None
+            return
+        accumulation = self._kd_accumulation_steps()
+        per_generation = int(getattr(self.args, "steps_per_generation", None) or accumulation)
+        micro = (int(getattr(self, "_step", 1)) - 1) % per_generation
+        if micro % accumulation == 0 or self._kd_denominator is None:
+            first = micro - micro % accumulation
+            buffered = getattr(self, "_buffered_inputs", None) or []
+            chunks = [c["model_inputs"] for c in buffered[first : first + accumulation]] or [model_inputs]
+            local = torch.stack([valid_token_count(c["labels"]) for c in chunks]).sum()
+            if _distributed():
+                dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            world = int(self.accelerator.num_processes)
+            self._kd_denominator = step_token_denominator(local, world, accumulation)
+
+    def _kd_context_extras(self) -> dict[str, Any]:
+        """`LossContext.extras` for this micro-batch (the step's token denominator, if any)."""
+        if self._kd_denominator is None:
+            return {}
+        return {STEP_TOKEN_DENOMINATOR: self._kd_denominator}
+
+    def _kd_record(self, output: CompositionOutput, mode: str) -> torch.Tensor:
+        """Flag non-finite terms, record the micro-batch's metrics and return the loss to
+        backpropagate: the composed total, or 0 when it is NaN/inf (the guard then stops or
+        skips the step; the micro-batch counts 0 in `loss` and in every term alike)."""
+        finite = self._kd_current_guard().observe(output, mode)
+        contributions, values = split_output(output)
+        self._kd_windows[mode].add(zero_where_nonfinite(contributions, finite), values, self._kd_weight(mode))
+        total = output.total
+        return torch.where(finite, total, torch.zeros_like(total))
+
+    def _kd_accumulation_steps(self) -> int:
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        return int(steps or self.args.gradient_accumulation_steps or 1)
+
+    def _kd_weight(self, mode: str) -> float:
+        """The weight the trainer's own `loss` / `eval_loss` gives this micro-batch."""
+        if mode == "train":
+            return train_micro_batch_weight(self._kd_accumulation_steps())
+        gradient_state = self.accelerator.gradient_state
+        return eval_batch_weight(
+            int(self.args.eval_batch_size),
+            last=bool(gradient_state.end_of_dataloader),
+            remainder=int(gradient_state.remainder),
+            rank=int(self.accelerator.process_index),
+        )
+
+    # ------------------------------------------------------------------ every log row
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the window's per-term values (reduced over ranks) to the row, in place, so that
+        `evaluate()` returns them too (best model, early stopping)."""
+        mode = "train" if self.model.training else "eval"
+        logs.update(self.kd_metric_values(mode))
+        guard = self._kd_current_guard()
+        if mode == "eval":
+            result = guard.check_eval(int(self.state.global_step))
+            if result.skip and self.accelerator.is_main_process:
+                _logger().warning(
+                    f"kdcompose: non-finite values during evaluation ({describe(result.offending)}); "
+                    "those batches count as 0 in the evaluation metrics (on_nonfinite: skip_step)"
+                )
+        elif guard.may_skip:
+            logs[SKIPPED_METRIC] = guard.skipped_steps
+        return super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def kd_metric_values(self, mode: str = "train") -> dict[str, float]:
+        """What the next log row of `mode` would get from kdcompose (reduced over ranks; a
+        collective), and restart that window: for notebooks and tests that call `compute_loss`
+        themselves."""
+        return self._kd_windows[mode].reduce("eval_" if mode == "eval" else "", self.args.device)
+
+    def kd_reset_metrics(self) -> None:
+        """Drop what the metric windows and the non-finite flags hold (e.g. after probing)."""
+        for window in self._kd_windows.values():
+            window.reset()
+        self._kd_guard.flags.clear()
+
+    # ------------------------------------------------------------------ run start, checkpoints, Ctrl-C
+
+    def _kd_run_started(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """At `train()`: check what the loop needs, restore counters, record the composition."""
+        self._kd_check_loop_settings()
+        self.kd_reset_metrics()
+        checkpoint = _resume_checkpoint(self, args, kwargs)
+        guard = self._kd_current_guard()
+        guard.skipped_steps = int(resume.read_checkpoint_state(checkpoint).get(SKIPPED_METRIC, 0))
+        if not self.accelerator.is_main_process:
+            return
+        if checkpoint:
+            changes = resume.resume_changes(checkpoint, self.kd_composer)
+            if changes:
+                _logger().warning(
+                    f"kdcompose: resuming from {checkpoint} with a different loss composition than that run "
+                    f"recorded: {'; '.join(changes)}"
+                )
+        path = resume.write_composition(self.args.output_dir, self.kd_composer)
+        _logger().info(f"kdcompose: composition recorded in {path}")
+
+    def _kd_check_loop_settings(self) -> None:
+        issues = []
+        global_terms = self._kd_global_token_terms()
+        accumulation = int(self.args.gradient_accumulation_steps or 1)
+        per_generation = int(getattr(self.args, "steps_per_generation", None) or accumulation)
+        for name in global_terms:
+            path = f"rlhf.loss_terms.{name}.normalize"
+            if per_generation % accumulation:
+                issues.append(
+                    ConfigIssue(
+                        path,
+                        f"global_tokens needs each optimizer step's micro-batches encoded together: "
+                        f"steps_per_generation ({per_generation}) must be a multiple of "
+                        f"gradient_accumulation_steps ({accumulation}); leave steps_per_generation and "
+                        "generation_batch_size unset",
+                    )
+                )
+            if getattr(self.template, "sequence_parallel_size", 1) > 1:
+                issues.append(ConfigIssue(path, "global_tokens is not supported with sequence parallelism"))
+        if self.is_deepspeed_enabled:
+            for term in self.kd_composer.active_terms:
+                if term.spec.on_nonfinite == SKIP_STEP:
+                    issues.append(
+                        ConfigIssue(
+                            f"rlhf.loss_terms.{term.name}.on_nonfinite",
+                            "skip_step is not supported with DeepSpeed, which applies the update inside "
+                            "backward before the step can be skipped; use error (the default)",
+                        )
+                    )
+        if _distributed() and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            issues.append(
+                ConfigIssue(
+                    "training.use_cpu",
+                    f"{dist.get_world_size()} processes were launched but transformers did not set up "
+                    "distributed data parallel (on a machine without GPUs `ddp_backend: gloo` alone is not "
+                    "enough): every rank would train its own copy of the model and log its own loss. Set "
+                    "`use_cpu: true` (with `ddp_backend: gloo`), or launch on GPUs",
+                )
+            )
+        if issues:
+            raise ConfigError(issues, source="kdcompose trainer")
+
+    def _kd_interrupted(self) -> None:
+        """Ctrl-C: say where training stopped and how to resume (hooks are closed by the caller)."""
+        if not self.accelerator.is_main_process:
+            return
+        last = _last_checkpoint(self.args.output_dir)
+        where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+        _logger().warning(
+            f"kdcompose: training interrupted (Ctrl-C) at global_step {self.state.global_step}/"
+            f"{self.state.max_steps}; feature hooks removed; {where}"
+        )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    value = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+    if value is True:
+        return _last_checkpoint(trainer.args.output_dir)
+    return str(value) if value else None
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    try:
+        return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    except OSError:
+        return None
+
+
+__all__ = ["LoopMixin"]

@@ -1,0 +1,311 @@
+"""Feature projectors (`projector: linear` on a visual_kd target) without ms-swift.
+
+The math and the config are checked on plain tensors; widths, attaching and saving on the
+tiny Qwen-VL models built locally (random weights, `from_pretrained`, no training loop).
+The training-loop side (optimizer, checkpoints, resume) is in test_visual_kd_training.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcompose import LossContext, build_composer, parse_config
+from kdcompose.compat import ensure_torchvision_importable
+from kdcompose.errors import ConfigError
+from kdcompose.features import FeatureRecorder
+from kdcompose.projectors import (
+    PROJECTOR_ATTR,
+    PROJECTOR_FILE,
+    FeatureWidthError,
+    LinearProjector,
+    ProjectorPlan,
+    attach_projectors,
+    infer_feature_width,
+    load_projectors,
+    plan_projectors,
+    projector_key,
+    save_projectors,
+)
+from kdcompose.testing.tiny_models import build_tiny_model
+from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
+
+ensure_torchvision_importable()
+
+ALIGNER_PROJECTED = {"weight": 1.0, "aligner": {"distance": "mse", "projector": "linear"}}
+
+
+def _visual_term(spec: dict):
+    config = parse_config({"rlhf": {"llm_kd_weight": 0}, "custom": {"visual_kd": spec}})
+    composer = build_composer(config.composition)
+    return composer, composer.term("visual_kd")
+
+
+# ----------------------------------------------------------------------- the projector itself
+
+
+def test_linear_projector_starts_as_the_identity_and_draws_no_random_numbers():
+    state = torch.random.get_rng_state()
+    wide = LinearProjector(3, 5)
+    square = LinearProjector(4, 4)
+    assert torch.equal(torch.random.get_rng_state(), state), "a projector must not shift the RNG stream"
+    x = torch.arange(12.0).reshape(4, 3)
+    torch.testing.assert_close(wide(x), torch.cat([x, torch.zeros(4, 2)], dim=1))
+    y = torch.randn(2, 4)
+    torch.testing.assert_close(square(y), y)
+
+
+def test_projector_computes_in_its_own_dtype():
+    projector = LinearProjector(4, 6)
+    out = projector(torch.randn(3, 4).to(torch.bfloat16))
+    assert out.dtype == torch.float32 and out.shape == (3, 6)
+
+
+# ----------------------------------------------------------------------- the term
+
+
+def test_visual_kd_compares_the_projected_student_and_trains_the_projector():
+    composer, _ = _visual_term(ALIGNER_PROJECTED)
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(5, 4, generator=gen, requires_grad=True)
+    teacher = torch.randn(5, 6, generator=gen)
+    projector = LinearProjector(4, 6)
+    with torch.no_grad():
+        projector.weight.add_(0.1 * torch.randn(6, 4, generator=gen))
+    ctx = LossContext(
+        student_features={"aligner": [student]},
+        teacher_features={"aligner": [teacher]},
+        has_images=True,
+        projectors={projector_key("visual_kd", "aligner"): projector},
+    )
+    out = composer(ctx)
+    expected = F.mse_loss(projector(student), teacher)
+    torch.testing.assert_close(out.total, expected)
+    assert set(out.metrics()) == {"vision_kd_loss", "vision_kd_loss_aligner"}
+    out.total.backward()
+    assert projector.weight.grad is not None and projector.weight.grad.abs().sum() > 0
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_width_mismatch_without_projector_names_the_target_both_widths_and_the_option():
+    _, term = _visual_term({"weight": 1.0, "aligner": {"distance": "mse"}})
+    ctx = LossContext(
+        student_features={"aligner": [torch.zeros(5, 64)]},
+        teacher_features={"aligner": [torch.zeros(5, 96)]},
+        has_images=True,
+    )
+    with pytest.raises(FeatureWidthError) as info:
+        term.compute(ctx)
+    message = str(info.value)
+    option = "rlhf.loss_terms.visual_kd.aligner.projector"
+    for needle in ("'aligner'", "64", "96", option, "custom.visual_kd.aligner.projector"):
+        assert needle in message
+
+
+def test_a_configured_projector_missing_from_the_context_is_an_error():
+    _, term = _visual_term(ALIGNER_PROJECTED)
+    ctx = LossContext(
+        student_features={"aligner": [torch.zeros(5, 4)]},
+        teacher_features={"aligner": [torch.zeros(5, 6)]},
+        has_images=True,
+    )
+    with pytest.raises(ValueError, match=r"projector: linear.*LossContext\.projectors"):
+        term.compute(ctx)
+
+
+# ----------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("where", ["loss_terms", "legacy"])
+def test_projector_option_is_accepted_shown_in_the_formula_and_round_trips(where):
+    if where == "legacy":
+        data = {"rlhf": {"llm_kd_weight": 0}, "custom": {"visual_kd": ALIGNER_PROJECTED}}
+    else:
+        data = {"rlhf": {"llm_kd_weight": 0, "loss_terms": {"visual_kd": ALIGNER_PROJECTED}}}
+    composition = parse_config(data).composition
+    assert composition.term("visual_kd").spec.aligner.projector == "linear"
+    formula = build_composer(composition).formula()
+    assert formula == "Loss = 1*visual_kd(aligner:mse+linear_projector)"
+    again = parse_config({"rlhf": {"loss_terms": composition.to_loss_terms()}}).composition
+    assert again.term("visual_kd").spec == composition.term("visual_kd").spec
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (
+            {"rlhf": {"loss_terms": {"visual_kd": {"aligner": {"projector": "mlp"}}}}},
+            "rlhf.loss_terms.visual_kd.aligner.projector",
+        ),
+        ({"custom": {"visual_kd": {"vit": {"projector": True}}}}, "custom.visual_kd.vit.projector"),
+    ],
+)
+def test_an_unknown_projector_is_rejected_with_its_path(data, path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert path in info.value.paths
+
+
+# ----------------------------------------------------------------------- widths from the tiny models
+
+
+def _load(family: str, role: str):
+    import transformers as tf
+
+    classes = {
+        "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+    }
+    return classes[family].from_pretrained(build_tiny_model(family, role)).eval()
+
+
+def _image_inputs(model) -> dict[str, torch.Tensor]:
+    """One image of 4x4 patches (4 merged image tokens)."""
+    cfg = model.config.vision_config
+    channels = getattr(cfg, "in_channels", getattr(cfg, "in_chans", 3))
+    pixels = torch.randn(16, channels * cfg.temporal_patch_size * cfg.patch_size**2)
+    ids = torch.tensor([[11, 12, 151652] + [IMAGE_TOKEN_ID] * 4 + [151653, 13]])
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).long(),
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_pair():
+    return _load("qwen2_vl", "student"), _load("qwen2_vl", "teacher")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_widths_read_from_the_config_are_the_widths_recorded(family):
+    targets = ["vit", "aligner"] + (["deepstack"] if family == "qwen3_vl" else [])
+    for role in ("student", "teacher"):
+        model = _load(family, role)
+        recorder = FeatureRecorder(model, dict.fromkeys(targets))
+        with torch.no_grad(), recorder, recorder.recording():
+            model(**_image_inputs(model))
+            recorded = recorder.features()
+        for target in targets:
+            assert recorded[target], (family, role, target)
+            widths = {t.shape[-1] for t in recorded[target]}
+            assert widths == {infer_feature_width(model, target)}, (family, role, target)
+
+
+def test_widths_of_a_module_override():
+    model = _load("qwen2_vl", "student")
+    assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.2") == 64  # a Linear
+    assert infer_feature_width(model, "aligner", "model.visual.blocks.0") is None  # not knowable up front
+    assert infer_feature_width(model, "aligner", "model.no.such.module") is None
+
+
+def test_plan_rejects_a_width_mismatch_without_projector_before_any_forward(qwen2_vl_pair):
+    student, teacher = qwen2_vl_pair
+    _, term = _visual_term({"weight": 1.0, "vit": {}, "aligner": {"distance": "mse"}})
+    with pytest.raises(ConfigError) as info:
+        plan_projectors([term], student, teacher)
+    assert info.value.paths == ("rlhf.loss_terms.visual_kd.aligner",)  # vit: 32 and 32, fine
+    message = str(info.value)
+    assert "64" in message and "96" in message and "projector" in message
+
+
+def test_plan_builds_what_the_targets_ask_for(qwen2_vl_pair):
+    student, teacher = qwen2_vl_pair
+    _, term = _visual_term({"weight": 1.0, "vit": {"projector": "linear"}, **ALIGNER_PROJECTED})
+    plans = plan_projectors([term], student, teacher)
+    assert plans == [
+        ProjectorPlan("visual_kd", "vit", "linear", 32, 32),
+        ProjectorPlan("visual_kd", "aligner", "linear", 64, 96),
+    ]
+
+
+def test_plan_needs_widths_for_a_projector(qwen2_vl_pair):
+    student, teacher = qwen2_vl_pair
+    spec = {"aligner": {"module": "model.visual.blocks.0", "projector": "linear"}}
+    _, term = _visual_term(spec)
+    with pytest.raises(ConfigError) as info:
+        plan_projectors([term], student, teacher)
+    assert info.value.paths == ("rlhf.loss_terms.visual_kd.aligner.projector",)
+
+
+# ----------------------------------------------------------------------- attaching and saving
+
+
+def test_attach_registers_the_projectors_on_the_student_and_keeps_them_out_of_its_weights(tmp_path):
+    from safetensors import safe_open
+
+    student = _load("qwen2_vl", "student")
+    plan = ProjectorPlan("visual_kd", "aligner", "linear", 64, 96)
+    projectors = attach_projectors(student, [plan])
+    module = projectors[plan.key]
+    assert getattr(student, PROJECTOR_ATTR)[plan.key] is module
+    assert any(p is module.weight for p in student.parameters()), "the optimizer must see it"
+    assert attach_projectors(student, [plan])[plan.key] is module, "re-attaching keeps trained weights"
+
+    student.save_pretrained(tmp_path / "student")
+    with safe_open(str(tmp_path / "student" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(PROJECTOR_ATTR in k for k in keys), "the exported student stays plain"
+
+    assert attach_projectors(student, []) == {}
+    assert not hasattr(student, PROJECTOR_ATTR)
+    assert not any(PROJECTOR_ATTR in k for k in (student._keys_to_ignore_on_save or []))
+
+
+def test_save_and_load_round_trip(tmp_path, caplog):
+    plan = ProjectorPlan("visual_kd", "aligner", "linear", 4, 6)
+    trained = {plan.key: LinearProjector(4, 6)}
+    with torch.no_grad():
+        trained[plan.key].weight.normal_()
+        trained[plan.key].bias.fill_(0.5)
+    assert save_projectors(trained, tmp_path) == tmp_path / PROJECTOR_FILE
+    fresh = {plan.key: LinearProjector(4, 6)}
+    assert load_projectors(fresh, tmp_path)
+    torch.testing.assert_close(fresh[plan.key].state_dict(), trained[plan.key].state_dict())
+
+    with caplog.at_level(logging.WARNING, logger="kdcompose.projectors"):
+        assert not load_projectors(fresh, tmp_path / "elsewhere")
+    assert PROJECTOR_FILE in caplog.text
+    with pytest.raises(ValueError, match="does not fit"):
+        load_projectors({plan.key: LinearProjector(4, 8)}, tmp_path)
+
+
+def test_save_takes_the_gathered_trainer_state_dict_when_given(tmp_path):
+    """Under ZeRO-3 the modules hold shards; the trainer's state dict holds the full weights."""
+    key = projector_key("visual_kd", "aligner")
+    full = {
+        f"base_model.model.{PROJECTOR_ATTR}.{key}.weight": torch.full((6, 4), 2.0),
+        f"base_model.model.{PROJECTOR_ATTR}.{key}.bias": torch.ones(6),
+        "lm_head.weight": torch.zeros(3, 3),
+    }
+    save_projectors({key: LinearProjector(4, 6)}, tmp_path, state_dict=full)
+    restored = {key: LinearProjector(4, 6)}
+    load_projectors(restored, tmp_path)
+    assert torch.equal(restored[key].weight, torch.full((6, 4), 2.0))
+
+
+# ----------------------------------------------------------------------- recorder lifecycle
+
+
+def test_a_closed_recorder_hooks_only_for_a_recording_and_can_reopen(qwen2_vl_pair):
+    student, _ = qwen2_vl_pair
+    merger = student.model.visual.merger
+    before = len(merger._forward_hooks)
+    recorder = FeatureRecorder(student, {"aligner": None})
+    recorder.close()
+    assert len(merger._forward_hooks) == before
+    with torch.no_grad(), recorder.recording():
+        assert len(merger._forward_hooks) == before + 1
+        student(**_image_inputs(student))
+        assert len(recorder.features()["aligner"]) == 1
+    assert len(merger._forward_hooks) == before, "a closed recorder leaves no hook after recording"
+    recorder.open()
+    recorder.open()
+    assert len(merger._forward_hooks) == before + 1
+    recorder.close()
+    assert len(merger._forward_hooks) == before
