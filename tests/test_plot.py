@@ -135,8 +135,11 @@ def test_logged_weight_follows_the_schedule_of_the_global_step(run_dir):
     expected = [CE_WEIGHT * multiplier(spec, n - 1) for n in xs]
     assert ys == pytest.approx(expected, rel=1e-6)
     assert ys[0] > ys[-1]  # the ramp is visible in the log
-    raw = {int(r["global_step/max_steps"].split("/")[0]): r for r in read_rows(run_dir / LOG_FILE)[0]
-           if "sft_loss_raw" in r and "loss" in r}
+    raw = {
+        int(r["global_step/max_steps"].split("/")[0]): r
+        for r in read_rows(run_dir / LOG_FILE)[0]
+        if "sft_loss_raw" in r and "loss" in r
+    }
     for n, weight in zip(xs, ys, strict=True):
         assert raw[n]["sft_loss"] == pytest.approx(weight * raw[n]["sft_loss_raw"], rel=1e-5)
 
@@ -195,13 +198,28 @@ def test_log_without_plottable_rows_exits_2_naming_the_file(tmp_path, capsys):
 
 def test_classification_rules_on_hand_written_rows():
     rows = [
-        {"loss": 3.0, "llm_kd_loss": 1.0, "aux_ce_loss": 0.5, "vision_kd_loss": 1.5,
-         "vision_kd_loss_vit": 0.5, "vision_kd_loss_aligner": 1.0, "vision_kd_loss_weight": 0.3,
-         "vision_kd_loss_raw": 5.0, "grad_norm": 2.0, "learning_rate": 1e-4, "global_step/max_steps": "1/3"},
+        {
+            "loss": 3.0,
+            "llm_kd_loss": 1.0,
+            "aux_ce_loss": 0.5,
+            "vision_kd_loss": 1.5,
+            "vision_kd_loss_vit": 0.5,
+            "vision_kd_loss_aligner": 1.0,
+            "vision_kd_loss_weight": 0.3,
+            "vision_kd_loss_raw": 5.0,
+            "grad_norm": 2.0,
+            "learning_rate": 1e-4,
+            "global_step/max_steps": "1/3",
+        },
         {"loss": 2.0, "llm_kd_loss": 2.0, "global_step/max_steps": "2/3"},  # other terms skipped here
         {"loss": 2.5, "llm_kd_loss": 2.5, "global_step/max_steps": "2/3"},  # a resumed run logs step 2 again
-        {"eval_loss": 1.8, "eval_llm_kd_loss": 1.8, "eval_runtime": 3.0, "eval_vision_kd_loss_weight": 0.3,
-         "global_step/max_steps": "2/3"},
+        {
+            "eval_loss": 1.8,
+            "eval_llm_kd_loss": 1.8,
+            "eval_runtime": 3.0,
+            "eval_vision_kd_loss_weight": 0.3,
+            "global_step/max_steps": "2/3",
+        },
         {"train_loss": 2.4, "train_runtime": 9.0, "global_step/max_steps": "3/3"},
         {"global_step": 3, "log_history": [{"loss": 9.0, "step": 1}]},
     ]

@@ -274,10 +274,18 @@ def test_parts_named_like_the_derived_metrics_are_rejected():
 
 def test_visual_kd_weight_and_parts_follow_the_schedule():
     config = parse_config(
-        {"rlhf": {"llm_kd_weight": 0, "loss_terms": {"visual_kd": {
-            "weight": 0.5, "aligner": {"weight": 2.0},
-            "schedule": {"kind": "linear", "start": 0.0, "end": 1.0, "total_steps": 4},
-        }}}}
+        {
+            "rlhf": {
+                "llm_kd_weight": 0,
+                "loss_terms": {
+                    "visual_kd": {
+                        "weight": 0.5,
+                        "aligner": {"weight": 2.0},
+                        "schedule": {"kind": "linear", "start": 0.0, "end": 1.0, "total_steps": 4},
+                    }
+                },
+            }
+        }
     )
     composer = build_composer(config.composition)
     gen = torch.Generator().manual_seed(0)
@@ -336,8 +344,11 @@ def test_invalid_step_count_is_rejected_at_its_path(field, value):
         ({**LINEAR, "kind": "exponential"}, f"{CE}.kind", "constant"),
         ({"kind": "cosine", "start": 1, "end": 0}, f"{CE}.total_steps", "required for kind cosine"),
         ({**LINEAR, "total_steps": 0}, f"{CE}.total_steps", ">= 1"),
-        ({"kind": "constant", "start": 0, "end": 1, "warmup_steps": 5, "total_steps": 3}, f"{CE}.total_steps",
-         "not used by kind constant"),
+        (
+            {"kind": "constant", "start": 0, "end": 1, "warmup_steps": 5, "total_steps": 3},
+            f"{CE}.total_steps",
+            "not used by kind constant",
+        ),
         ({"kind": "constant", "start": 0, "end": 1}, f"{CE}.end", "start` (0) is never used"),
         ({**LINEAR, "start": 0, "end": 0.0}, f"{CE}.end", "0 at every step"),
         ({"kind": "linear", "end": 0, "total_steps": 3}, f"{CE}.start", "required"),
@@ -380,11 +391,16 @@ def test_formula_shows_the_schedule():
     schedules = {
         "ce": {"weight": 0.5, "schedule": {"kind": "linear", "start": 1, "end": 0, "total_steps": 1000}},
         "lm_jsd": {
-            "weight": 1, "beta": 0.5, "temperature": 1.0,
+            "weight": 1,
+            "beta": 0.5,
+            "temperature": 1.0,
             "schedule": {"kind": "cosine", "start": 0, "end": 1, "total_steps": 50, "warmup_steps": 10},
         },
-        "late": {"type": "ce", "weight": 0.1,
-                 "schedule": {"kind": "constant", "start": 0, "end": 1, "warmup_steps": 200}},
+        "late": {
+            "type": "ce",
+            "weight": 0.1,
+            "schedule": {"kind": "constant", "start": 0, "end": 1, "warmup_steps": 200},
+        },
     }
     composer = build_composer(parse_config({"rlhf": {"loss_terms": schedules}}).composition)
     assert composer.formula() == (

@@ -174,7 +174,7 @@ def classify(rows: Iterable[Mapping[str, Any]]) -> PlotData:
             if value is None:
                 continue
             if is_eval:
-                name = key[len(EVAL_PREFIX):] if key.startswith(EVAL_PREFIX) else None
+                name = key[len(EVAL_PREFIX) :] if key.startswith(EVAL_PREFIX) else None
                 if name == "loss" or name in term_keys or (name and _is_term(name)):
                     _append(data.evals, key, step, value)
                 continue
@@ -266,7 +266,7 @@ def render(data: PlotData, out: str | Path, title: str = "") -> Path:
     if data.total[0]:
         ax.plot(*data.total, color="black", linewidth=1.8, marker="o", markersize=2.5, label="loss (total)")
     for key, (xs, ys) in sorted(data.evals.items(), key=lambda item: (item[0] != "eval_loss", item[0])):
-        name = key[len(EVAL_PREFIX):]
+        name = key[len(EVAL_PREFIX) :]
         color = "black" if name == "loss" else term_color.get(name, "grey")
         marker = "D" if name == "loss" else "^"
         ax.scatter(
