@@ -26,34 +26,19 @@ So the multiplier holds `start` up to step `warmup_steps`, moves to `end` over t
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from kdcompose.schema.types import Weight
+from kdcompose.schema.types import NonNegativeInt, PositiveInt, Weight
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 RAMP_KINDS: tuple[str, ...] = ("linear", "cosine")
 
 
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be a whole number of steps, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    result = _non_negative_int(value)
-    if result < 1:
-        raise ValueError(f"must be >= 1, got {value!r}")
-    return result
-
-
-Steps = Annotated[int, BeforeValidator(_non_negative_int), Field(json_schema_extra={"minimum": 0})]
-PositiveSteps = Annotated[int, BeforeValidator(_positive_int), Field(json_schema_extra={"minimum": 1})]
+Steps = NonNegativeInt
+PositiveSteps = PositiveInt
 
 
 class ScheduleSpec(BaseModel):

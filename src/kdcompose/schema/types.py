@@ -48,12 +48,19 @@ def _probability(value: Any) -> float:
     return result
 
 
-def _positive_int(value: Any) -> int:
+def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"must be a whole number, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
     return value
+
+
+def _positive_int(value: Any) -> int:
+    result = _non_negative_int(value)
+    if result < 1:
+        raise ValueError(f"must be >= 1, got {value!r}")
+    return result
 
 
 Weight = Annotated[float, BeforeValidator(_non_negative), Field(json_schema_extra={"minimum": 0})]
@@ -68,4 +75,7 @@ Probability = Annotated[
 """A finite number in [0, 1] (JSD beta)."""
 
 PositiveInt = Annotated[int, BeforeValidator(_positive_int), Field(json_schema_extra={"minimum": 1})]
-"""A whole number >= 1 (chunk sizes)."""
+"""A whole number >= 1 (chunk sizes, schedule lengths)."""
+
+NonNegativeInt = Annotated[int, BeforeValidator(_non_negative_int), Field(json_schema_extra={"minimum": 0})]
+"""A whole number >= 0 (warm-up steps)."""
