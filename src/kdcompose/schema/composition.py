@@ -10,7 +10,7 @@ an error naming both places instead of one silently winning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,12 +77,18 @@ class Composition:
     def to_loss_terms(self) -> dict[str, dict[str, Any]]:
         """The composition as an explicit `rlhf.loss_terms` block (legacy knobs folded in);
         loading it back gives the same composition."""
-        out: dict[str, dict[str, Any]] = {}
-        for t in self.terms:
-            block = t.spec.model_dump(mode="json", exclude_none=True)
-            block["type"] = t.type
-            out[t.name] = block
-        return out
+        return loss_terms_block((t.name, t.type, t.spec) for t in self.terms)
+
+
+def loss_terms_block(terms: Iterable[tuple[str, str, TermSpec]]) -> dict[str, dict[str, Any]]:
+    """`(name, type, spec)` triples as an explicit `rlhf.loss_terms` block, `type` spelled out,
+    so that the block resolves back to the same terms whatever their names."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, type_name, spec in terms:
+        block = spec.model_dump(mode="json", exclude_none=True)
+        block["type"] = type_name
+        out[name] = block
+    return out
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from kdcompose.composer import LossComposer
+from kdcompose.schema.composition import loss_terms_block
 
 COMPOSITION_FILE = "kdcompose_composition.yaml"
 STATE_FILE = "kdcompose_state.json"
@@ -32,12 +33,7 @@ STATE_FILE = "kdcompose_state.json"
 
 def loss_terms_of(composer: LossComposer) -> dict[str, dict[str, Any]]:
     """Every term (active or not) as an explicit `loss_terms` block, as `Composition.to_loss_terms`."""
-    out: dict[str, dict[str, Any]] = {}
-    for term in composer.terms:
-        block = term.spec.model_dump(mode="json", exclude_none=True)
-        block["type"] = term.type_name
-        out[term.name] = block
-    return out
+    return loss_terms_block((term.name, term.type_name, term.spec) for term in composer.terms)
 
 
 def composition_record(composer: LossComposer) -> dict[str, Any]:
