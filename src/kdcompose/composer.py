@@ -61,21 +61,30 @@ class CompositionOutput:
     total: torch.Tensor
     terms: tuple[TermResult, ...]
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """Weighted per-term values (and parts) by metric key, detached for logging; plus
-        `<metric>_weight` for scheduled terms and `<metric>_raw` for terms with `log_raw`."""
+    def contributions(self) -> dict[str, torch.Tensor]:
+        """What each term put into the loss, by metric key, detached and left on the device
+        (no sync): the weighted value, its weighted parts, and `<metric>_raw` (the unweighted
+        value) for terms with `log_raw`."""
         out: dict[str, torch.Tensor] = {}
         for result in self.terms:
             key = result.metric_key
             out[key] = result.weighted.detach()
             for part_key, part in result.parts.items():
                 out[part_key] = part.detach()
-            if result.scheduled:
-                out[f"{key}{WEIGHT_SUFFIX}"] = torch.tensor(
-                    result.weight, dtype=torch.float32, device=result.weighted.device
-                )
             if result.log_raw:
                 out[f"{key}{RAW_SUFFIX}"] = result.raw.detach().float()
+        return out
+
+    def effective_weights(self) -> dict[str, float]:
+        """`<metric>_weight` -> effective weight of each scheduled term (plain floats)."""
+        return {f"{r.metric_key}{WEIGHT_SUFFIX}": float(r.weight) for r in self.terms if r.scheduled}
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Everything to log for this batch as tensors: `contributions()` plus
+        `<metric>_weight` for scheduled terms."""
+        out = self.contributions()
+        for key, weight in self.effective_weights().items():
+            out[key] = torch.tensor(weight, dtype=torch.float32, device=self.total.device)
         return out
 
 

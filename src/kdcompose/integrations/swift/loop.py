@@ -36,7 +36,6 @@ from kdcompose.integrations.swift.guard import SKIPPED_METRIC, NonFiniteGuard
 from kdcompose.integrations.swift.metrics import (
     TermWindow,
     eval_batch_weight,
-    split_output,
     train_micro_batch_weight,
     zero_where_nonfinite,
 )
@@ -123,8 +122,8 @@ class LoopMixin:
         backpropagate: the composed total, or 0 when it is NaN/inf (the guard then stops or
         skips the step; the micro-batch counts 0 in `loss` and in every term alike)."""
         finite = self._kd_current_guard().observe(output, mode)
-        contributions, values = split_output(output)
-        self._kd_windows[mode].add(zero_where_nonfinite(contributions, finite), values, self._kd_weight(mode))
+        contributions = zero_where_nonfinite(output.contributions(), finite)
+        self._kd_windows[mode].add(contributions, output.effective_weights(), self._kd_weight(mode))
         total = output.total
         return torch.where(finite, total, torch.zeros_like(total))
 

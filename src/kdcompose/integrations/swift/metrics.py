@@ -32,27 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from kdcompose.composer import RAW_SUFFIX, WEIGHT_SUFFIX, CompositionOutput
-
 CONTRIBUTION, VALUE = "contribution", "value"
-
-
-def split_output(output: CompositionOutput) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """(contributions, values) of one micro-batch: each term's weighted value, its parts and
-    its `_raw` value (all part of the loss, or of its unweighted counterpart), and the
-    effective weights of scheduled terms (plain Python floats, no device tensor)."""
-    contributions: dict[str, torch.Tensor] = {}
-    values: dict[str, float] = {}
-    for result in output.terms:
-        key = result.metric_key
-        contributions[key] = result.weighted.detach()
-        for part_key, part in result.parts.items():
-            contributions[part_key] = part.detach()
-        if result.log_raw:
-            contributions[f"{key}{RAW_SUFFIX}"] = result.raw.detach().float()
-        if result.scheduled:
-            values[f"{key}{WEIGHT_SUFFIX}"] = float(result.weight)
-    return contributions, values
 
 
 def zero_where_nonfinite(
@@ -179,7 +159,6 @@ def _union_over_ranks(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
 __all__ = [
     "TermWindow",
     "eval_batch_weight",
-    "split_output",
     "train_micro_batch_weight",
     "zero_where_nonfinite",
 ]
