@@ -47,7 +47,7 @@ class LogitMseTerm(LossTerm):
     def compute(self, ctx: LossContext) -> torch.Tensor:
         valid = ctx.labels != -100
         if not bool(valid.any()):
-            return ctx.student_logits.sum() * 0.0  # keep the graph connected
+            return ctx.zero()  # a 0 connected to the graph (finite even if a logit is ±inf)
         t = self.spec.temperature
         student = ctx.student_logits[valid].float() / t
         teacher = ctx.teacher_logits[valid].float().detach() / t

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from kdcompose import LossComposer, LossContext, LossTerm, TermNeeds, TermSpec, register_term
 from kdcompose.functional import feature_distance, generalized_jsd, masked_cross_entropy
 from kdcompose.registry import unregister_term
-from kdcompose.terms import CeSpec, CeTerm, LmJsdSpec, LmJsdTerm, VisualKdSpec, VisualKdTerm, VisualTargetSpec
+from kdcompose.terms import (
+    CeSpec,
+    CeTerm,
+    LmJsdSpec,
+    LmJsdTerm,
+    Tap,
+    VisualKdSpec,
+    VisualKdTerm,
+    VisualTargetSpec,
+)
 
 
 class ExplodingTerm(LossTerm):
@@ -22,7 +31,7 @@ class ExplodingTerm(LossTerm):
 
     @property
     def needs(self) -> TermNeeds:
-        return TermNeeds(teacher_logits=True, teacher_features=frozenset({"vit"}))
+        return TermNeeds(teacher_logits=True, taps=frozenset({Tap("teacher", "model.visual")}))
 
     def compute(self, ctx):
         raise AssertionError(f"zero-weight term {self.name} was computed")
@@ -35,6 +44,9 @@ def _register_exploding():
     unregister_term("exploding_for_test")
 
 
+ALIGNER = VisualKdTerm("visual_kd", VisualKdSpec(aligner=VisualTargetSpec())).pair("aligner")
+
+
 def _context(seed: int, batch: int = 2, seq: int = 5, vocab: int = 11) -> LossContext:
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
@@ -43,8 +55,10 @@ def _context(seed: int, batch: int = 2, seq: int = 5, vocab: int = 11) -> LossCo
         labels=labels,
         student_logits=torch.randn(batch, seq, vocab, generator=gen, requires_grad=True),
         teacher_logits=torch.randn(batch, seq, vocab, generator=gen),
-        student_features={"aligner": [torch.randn(6, 8, generator=gen, requires_grad=True)]},
-        teacher_features={"aligner": [torch.randn(6, 8, generator=gen)]},
+        taps={
+            ALIGNER.student: [torch.randn(6, 8, generator=gen, requires_grad=True)],
+            ALIGNER.teacher: [torch.randn(6, 8, generator=gen)],
+        },
         has_images=True,
     )
 
@@ -78,7 +92,7 @@ def test_total_is_the_weighted_sum_of_independently_computed_active_terms(w_jsd,
         expected = expected + w_ce * raw
         torch.testing.assert_close(metrics["sft_loss"], (w_ce * raw).detach())
     if w_vis > 0:
-        raw = 0.5 * feature_distance(ctx.student_features["aligner"][0], ctx.teacher_features["aligner"][0])
+        raw = 0.5 * feature_distance(ctx.taps[ALIGNER.student][0], ctx.taps[ALIGNER.teacher][0])
         expected = expected + w_vis * raw
         torch.testing.assert_close(metrics["vision_kd_loss"], (w_vis * raw).detach())
         torch.testing.assert_close(metrics["vision_kd_loss_aligner"], (w_vis * raw).detach())
@@ -101,7 +115,7 @@ def test_zero_weight_term_is_never_computed_and_never_needed(w_jsd, w_ce, w_vis)
     assert "boom_loss" not in out.metrics()
     assert composer.needs.teacher_logits == (w_jsd > 0)
     assert composer.needs.teacher == (w_jsd > 0 or w_vis > 0)
-    assert ("vit" in composer.needs.teacher_features) is False
+    assert not any(tap.path == "model.visual" for tap in composer.needs.all_taps)
 
 
 def test_active_exploding_term_is_computed():

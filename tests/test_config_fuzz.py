@@ -140,6 +140,7 @@ def test_yaml_anchor_alias_and_tag_documents(text):
         assert all(isinstance(issue.path, str) for issue in exc.issues)
 
 
+@pytest.mark.swift
 def test_config_larger_than_the_limit_is_refused(tmp_path):
     path = tmp_path / "huge.yaml"
     path.write_text("rlhf:\n  llm_kd_weight: 0.5\n" + "# padding\n" * 200_000)
@@ -153,6 +154,7 @@ def test_config_larger_than_the_limit_is_refused(tmp_path):
     assert "larger than" in result.stderr
 
 
+@pytest.mark.swift
 @pytest.mark.parametrize("seed", range(6))
 def test_cli_never_prints_a_traceback_on_fuzzed_input(tmp_path, seed):
     import random
@@ -175,6 +177,7 @@ def test_cli_never_prints_a_traceback_on_fuzzed_input(tmp_path, seed):
         assert section in result.stderr
 
 
+@pytest.mark.swift
 def test_plugins_list_imports_terms_and_failures_name_the_entry(tmp_path):
     plugin = tmp_path / "my_terms.py"
     plugin.write_text(

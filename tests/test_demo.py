@@ -19,6 +19,8 @@ from kdcompose.demo import CONFIG_NAME, TERM_METRICS, demo_config_text
 from kdcompose.projectors import PROJECTOR_FILE
 from swift_support import kdcompose_command, run_command
 
+pytestmark = pytest.mark.swift
+
 STEPS = 3
 
 

@@ -27,7 +27,10 @@ from nan_probe import TYPE as NAN_PROBE
 from nan_probe import registered
 from swift_support import kdcompose_command, sections, subprocess_env, write_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 VISUAL = {"weight": 0.5, "vit": {"enabled": True, "weight": 1.0, "distance": "mse"}}
 

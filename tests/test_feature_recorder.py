@@ -12,6 +12,8 @@ from kdcompose.features import FeatureModuleNotFound, FeatureRecorder
 from kdcompose.testing.tiny_models import build_tiny_model
 from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
 
+pytestmark = pytest.mark.swift
+
 ensure_torchvision_importable()
 
 

@@ -25,7 +25,10 @@ from swift_support import (
     shared_trainer,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 VIT_KD = {"weight": 1.0, "vit": {"enabled": True, "weight": 1.0, "distance": "mse"}}
 TOL = 1e-6

@@ -63,7 +63,10 @@ def test_llm_kd_weight_zero_with_visual_kd_is_visual_only():
     assert [t.name for t in composer.active_terms] == ["visual_kd"]
     needs = composer.needs
     assert not needs.teacher_logits and not needs.teacher_language_model
-    assert needs.teacher_features == {"aligner"}
+    assert {(t.side, t.path) for t in needs.all_taps} == {
+        ("student", "model.visual.merger"),
+        ("teacher", "model.visual.merger"),
+    }
     assert config.llm_kd_weight == 0.0
 
 
@@ -138,7 +141,7 @@ def test_legacy_visual_kd_becomes_a_term_with_its_targets():
     assert list(term.spec.active_targets()) == ["vit"]
     assert term.spec.vit.distance == "cosine"
     composer = build_composer(config.composition)
-    assert composer.needs.student_features == {"vit"}
+    assert {t.path for t in composer.needs.side_taps("student")} == {"model.visual"}
 
 
 def test_legacy_visual_kd_disabled_block_is_inactive():

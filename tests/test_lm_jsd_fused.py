@@ -20,6 +20,8 @@ from helpers import config_error, config_from
 from kdcompose import LossContext, TermNeeds, build_composer
 from kdcompose.integrations.swift.lm_head import LmHeadUnsupported, lm_head_of, tap_lm_head
 
+pytestmark = pytest.mark.swift
+
 V, H_S, H_T = 50, 8, 12
 
 

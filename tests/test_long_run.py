@@ -32,7 +32,10 @@ from nan_probe import TYPE as NAN_PROBE
 from nan_probe import registered
 from swift_support import sections
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 STEPS, SAVE_AT = 300, 290
 NAN_AT = (60, 150, 240)

@@ -87,6 +87,7 @@ def _check_png(path: Path) -> None:
     assert float((saturation > 0.25).mean()) > 0.05
 
 
+@pytest.mark.swift
 def test_plot_of_a_real_run_writes_a_png_and_names_the_run(output_dir, run_dir, tmp_path):
     out = tmp_path / "composition.png"
     result = _cli("plot", str(output_dir), "-o", str(out))
@@ -96,6 +97,7 @@ def test_plot_of_a_real_run_writes_a_png_and_names_the_run(output_dir, run_dir, 
     _check_png(out)
 
 
+@pytest.mark.swift
 def test_default_output_goes_into_the_run_folder(run_dir, tmp_path, capsys):
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy)
@@ -105,6 +107,7 @@ def test_default_output_goes_into_the_run_folder(run_dir, tmp_path, capsys):
     _check_png(copy / "loss_composition.png")
 
 
+@pytest.mark.swift
 def test_the_real_log_is_classified_into_terms_parts_weights_and_eval_points(run_dir):
     rows, bad = read_rows(run_dir / LOG_FILE)
     assert bad == 0
@@ -118,6 +121,7 @@ def test_the_real_log_is_classified_into_terms_parts_weights_and_eval_points(run
     assert data.evals["eval_loss"][0] == [2, 4]
 
 
+@pytest.mark.swift
 def test_stacked_weighted_terms_add_up_to_the_logged_loss(run_dir):
     """One micro-batch per logged step: the logged terms must sum to the logged total."""
     _, data = load_plot_data(run_dir)
@@ -127,6 +131,7 @@ def test_stacked_weighted_terms_add_up_to_the_logged_loss(run_dir):
         assert sum(series[i] for series in stacked.values()) == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.swift
 def test_logged_weight_follows_the_schedule_of_the_global_step(run_dir):
     """A row logged at step N covers the optimizer step that ran with global_step N-1."""
     _, data = load_plot_data(run_dir)
@@ -144,6 +149,7 @@ def test_logged_weight_follows_the_schedule_of_the_global_step(run_dir):
         assert raw[n]["sft_loss"] == pytest.approx(weight * raw[n]["sft_loss_raw"], rel=1e-5)
 
 
+@pytest.mark.swift
 def test_newest_run_under_an_output_dir_is_chosen_by_version(run_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run_dir, out / "v10-20250101-000000")
@@ -158,6 +164,7 @@ def test_newest_run_under_an_output_dir_is_chosen_by_version(run_dir, tmp_path):
     assert "v10-20250101-000000" in result.stdout and "newest of 3 runs" in result.stdout
 
 
+@pytest.mark.swift
 def test_a_truncated_last_line_does_not_hide_the_rest(run_dir, tmp_path):
     log = tmp_path / LOG_FILE
     log.write_text((run_dir / LOG_FILE).read_text() + '{"loss": 1.2, "global_step/max_')
@@ -166,6 +173,7 @@ def test_a_truncated_last_line_does_not_hide_the_rest(run_dir, tmp_path):
     assert classify(rows).total[0] == [1, 2, 3, 4]
 
 
+@pytest.mark.swift
 def test_folder_without_logging_jsonl_exits_2_naming_it(tmp_path):
     empty = tmp_path / "not_a_run"
     (empty / "checkpoint-1").mkdir(parents=True)
@@ -176,12 +184,14 @@ def test_folder_without_logging_jsonl_exits_2_naming_it(tmp_path):
     assert not list(empty.rglob("*.png"))
 
 
+@pytest.mark.swift
 def test_missing_folder_exits_2(tmp_path, capsys):
     code, _, err = _main(capsys, "plot", str(tmp_path / "nope"))
     assert code == 2
     assert "no such folder" in err
 
 
+@pytest.mark.swift
 def test_log_without_plottable_rows_exits_2_naming_the_file(tmp_path, capsys):
     run = tmp_path / "v0-20250101-000000"
     run.mkdir()

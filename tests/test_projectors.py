@@ -38,10 +38,23 @@ ensure_torchvision_importable()
 ALIGNER_PROJECTED = {"weight": 1.0, "aligner": {"distance": "mse", "projector": "linear"}}
 
 
-def _visual_term(spec: dict):
-    config = parse_config({"rlhf": {"llm_kd_weight": 0}, "custom": {"visual_kd": spec}})
-    composer = build_composer(config.composition)
+def _visual_term(spec: dict, where: str = "loss_terms"):
+    data = {"rlhf": {"llm_kd_weight": 0}}
+    if where == "legacy":
+        data["custom"] = {"visual_kd": spec}
+    else:
+        data["rlhf"]["loss_terms"] = {"visual_kd": spec}
+    composer = build_composer(parse_config(data).composition)
     return composer, composer.term("visual_kd")
+
+
+def _recorded(term, **targets):
+    """`LossContext.taps` holding, for each target, its student and teacher tensors."""
+    taps = {}
+    for name, (student, teacher) in targets.items():
+        pair = term.pair(name)
+        taps[pair.student], taps[pair.teacher] = [student], [teacher]
+    return taps
 
 
 # ----------------------------------------------------------------------- the projector itself
@@ -68,7 +81,7 @@ def test_projector_computes_in_its_own_dtype():
 
 
 def test_visual_kd_compares_the_projected_student_and_trains_the_projector():
-    composer, _ = _visual_term(ALIGNER_PROJECTED)
+    composer, term = _visual_term(ALIGNER_PROJECTED)
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(5, 4, generator=gen, requires_grad=True)
     teacher = torch.randn(5, 6, generator=gen)
@@ -76,8 +89,7 @@ def test_visual_kd_compares_the_projected_student_and_trains_the_projector():
     with torch.no_grad():
         projector.weight.add_(0.1 * torch.randn(6, 4, generator=gen))
     ctx = LossContext(
-        student_features={"aligner": [student]},
-        teacher_features={"aligner": [teacher]},
+        taps=_recorded(term, aligner=(student, teacher)),
         has_images=True,
         projectors={projector_key("visual_kd", "aligner"): projector},
     )
@@ -90,28 +102,28 @@ def test_visual_kd_compares_the_projected_student_and_trains_the_projector():
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 
-def test_width_mismatch_without_projector_names_the_target_both_widths_and_the_option():
-    _, term = _visual_term({"weight": 1.0, "aligner": {"distance": "mse"}})
-    ctx = LossContext(
-        student_features={"aligner": [torch.zeros(5, 64)]},
-        teacher_features={"aligner": [torch.zeros(5, 96)]},
-        has_images=True,
-    )
+@pytest.mark.parametrize(
+    ("where", "option"),
+    [
+        ("loss_terms", "rlhf.loss_terms.visual_kd.aligner.projector"),
+        ("legacy", "custom.visual_kd.aligner.projector"),
+    ],
+)
+def test_width_mismatch_without_projector_names_the_module_both_widths_and_the_option_as_written(
+    where, option
+):
+    _, term = _visual_term({"weight": 1.0, "aligner": {"distance": "mse"}}, where)
+    ctx = LossContext(taps=_recorded(term, aligner=(torch.zeros(5, 64), torch.zeros(5, 96))), has_images=True)
     with pytest.raises(FeatureWidthError) as info:
         term.compute(ctx)
     message = str(info.value)
-    option = "rlhf.loss_terms.visual_kd.aligner.projector"
-    for needle in ("'aligner'", "64", "96", option, "custom.visual_kd.aligner.projector"):
+    for needle in ("model.visual.merger", "64", "96", option):
         assert needle in message
 
 
 def test_a_configured_projector_missing_from_the_context_is_an_error():
     _, term = _visual_term(ALIGNER_PROJECTED)
-    ctx = LossContext(
-        student_features={"aligner": [torch.zeros(5, 4)]},
-        teacher_features={"aligner": [torch.zeros(5, 6)]},
-        has_images=True,
-    )
+    ctx = LossContext(taps=_recorded(term, aligner=(torch.zeros(5, 4), torch.zeros(5, 6))), has_images=True)
     with pytest.raises(ValueError, match=r"projector: linear.*LossContext\.projectors"):
         term.compute(ctx)
 
@@ -182,6 +194,7 @@ def qwen2_vl_pair():
     return _load("qwen2_vl", "student"), _load("qwen2_vl", "teacher")
 
 
+@pytest.mark.swift
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_widths_read_from_the_config_are_the_widths_recorded(family):
     targets = ["vit", "aligner"] + (["deepstack"] if family == "qwen3_vl" else [])
@@ -197,50 +210,74 @@ def test_widths_read_from_the_config_are_the_widths_recorded(family):
             assert widths == {infer_feature_width(model, target)}, (family, role, target)
 
 
+@pytest.mark.swift
 def test_widths_of_a_module_override():
     model = _load("qwen2_vl", "student")
     assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.2") == 64  # a Linear
-    assert infer_feature_width(model, "aligner", "model.visual.blocks.0") is None  # not knowable up front
+    assert infer_feature_width(model, "aligner", "model.visual.blocks.0") == 32  # ends in a 32-wide Linear
+    assert infer_feature_width(model, "aligner", "model.visual.rotary_pos_emb") is None  # no weights
     assert infer_feature_width(model, "aligner", "model.no.such.module") is None
 
 
+@pytest.mark.swift
+def test_decoder_layer_widths_read_from_structure_are_the_widths_recorded(qwen2_vl_pair):
+    from kdcompose.projectors import tap_width
+    from kdcompose.taps import ModuleTaps
+    from kdcompose.terms.base import Tap
+
+    for model, width in zip(qwen2_vl_pair, (64, 96), strict=True):
+        taps = [Tap("student", "model.language_model.layers.1"), Tap("student", "lm_head", io="input")]
+        recorder = ModuleTaps(model, taps, detach=True)
+        with torch.no_grad(), recorder.recording():
+            model(**_image_inputs(model))
+            recorded = recorder.recorded()
+        recorder.close()
+        for tap in taps:
+            assert [t.shape[-1] for t in recorded[tap]] == [width]
+            assert tap_width(model, tap) == width
+
+
+@pytest.mark.swift
 def test_plan_rejects_a_width_mismatch_without_projector_before_any_forward(qwen2_vl_pair):
     student, teacher = qwen2_vl_pair
     _, term = _visual_term({"weight": 1.0, "vit": {}, "aligner": {"distance": "mse"}})
     with pytest.raises(ConfigError) as info:
-        plan_projectors([term], student, teacher)
+        plan_projectors(term.needs.pairs, student, teacher)
     assert info.value.paths == ("rlhf.loss_terms.visual_kd.aligner",)  # vit: 32 and 32, fine
     message = str(info.value)
     assert "64" in message and "96" in message and "projector" in message
 
 
+@pytest.mark.swift
 def test_plan_builds_what_the_targets_ask_for(qwen2_vl_pair):
     student, teacher = qwen2_vl_pair
     _, term = _visual_term({"weight": 1.0, "vit": {"projector": "linear"}, **ALIGNER_PROJECTED})
-    plans = plan_projectors([term], student, teacher)
+    plans = plan_projectors(term.needs.pairs, student, teacher)
     assert plans == [
-        ProjectorPlan("visual_kd", "vit", "linear", 32, 32),
-        ProjectorPlan("visual_kd", "aligner", "linear", 64, 96),
+        ProjectorPlan("visual_kd__aligner", "rlhf.loss_terms.visual_kd.aligner", "linear", 64, 96),
+        ProjectorPlan("visual_kd__vit", "rlhf.loss_terms.visual_kd.vit", "linear", 32, 32),
     ]
 
 
+@pytest.mark.swift
 def test_plan_needs_widths_for_a_projector(qwen2_vl_pair):
     student, teacher = qwen2_vl_pair
-    spec = {"aligner": {"module": "model.visual.blocks.0", "projector": "linear"}}
+    spec = {"aligner": {"module": "model.visual.rotary_pos_emb", "projector": "linear"}}
     _, term = _visual_term(spec)
     with pytest.raises(ConfigError) as info:
-        plan_projectors([term], student, teacher)
+        plan_projectors(term.needs.pairs, student, teacher)
     assert info.value.paths == ("rlhf.loss_terms.visual_kd.aligner.projector",)
 
 
 # ----------------------------------------------------------------------- attaching and saving
 
 
+@pytest.mark.swift
 def test_attach_registers_the_projectors_on_the_student_and_keeps_them_out_of_its_weights(tmp_path):
     from safetensors import safe_open
 
     student = _load("qwen2_vl", "student")
-    plan = ProjectorPlan("visual_kd", "aligner", "linear", 64, 96)
+    plan = ProjectorPlan("visual_kd__aligner", "rlhf.loss_terms.visual_kd.aligner", "linear", 64, 96)
     projectors = attach_projectors(student, [plan])
     module = projectors[plan.key]
     assert getattr(student, PROJECTOR_ATTR)[plan.key] is module
@@ -257,8 +294,9 @@ def test_attach_registers_the_projectors_on_the_student_and_keeps_them_out_of_it
     assert not any(PROJECTOR_ATTR in k for k in (student._keys_to_ignore_on_save or []))
 
 
+@pytest.mark.swift
 def test_save_and_load_round_trip(tmp_path, caplog):
-    plan = ProjectorPlan("visual_kd", "aligner", "linear", 4, 6)
+    plan = ProjectorPlan("visual_kd__aligner", "rlhf.loss_terms.visual_kd.aligner", "linear", 4, 6)
     trained = {plan.key: LinearProjector(4, 6)}
     with torch.no_grad():
         trained[plan.key].weight.normal_()
@@ -275,6 +313,7 @@ def test_save_and_load_round_trip(tmp_path, caplog):
         load_projectors({plan.key: LinearProjector(4, 8)}, tmp_path)
 
 
+@pytest.mark.swift
 def test_save_takes_the_gathered_trainer_state_dict_when_given(tmp_path):
     """Under ZeRO-3 the modules hold shards; the trainer's state dict holds the full weights."""
     key = projector_key("visual_kd", "aligner")
@@ -292,6 +331,7 @@ def test_save_takes_the_gathered_trainer_state_dict_when_given(tmp_path):
 # ----------------------------------------------------------------------- recorder lifecycle
 
 
+@pytest.mark.swift
 def test_a_closed_recorder_hooks_only_for_a_recording_and_can_reopen(qwen2_vl_pair):
     student, _ = qwen2_vl_pair
     merger = student.model.visual.merger

@@ -97,6 +97,7 @@ def _fake_distribution(root: Path, entry: str) -> None:
     (dist / "entry_points.txt").write_text(f"[kdcompose.terms]\n{entry}\n")
 
 
+@pytest.mark.swift
 def test_entry_point_plugin_term_is_usable_from_yaml(tmp_path):
     _fake_distribution(tmp_path, "plugin_sq = kd_plugin_pkg:PluginTerm")
     script = textwrap.dedent(
@@ -114,6 +115,7 @@ def test_entry_point_plugin_term_is_usable_from_yaml(tmp_path):
     assert "0.5*plugin_sq" in result.stdout
 
 
+@pytest.mark.swift
 def test_broken_entry_point_names_the_plugin(tmp_path):
     _fake_distribution(tmp_path, "broken = kd_plugin_pkg:DoesNotExist")
     script = "from kdcompose import get_term_class\nget_term_class('broken')\n"
@@ -125,6 +127,7 @@ def test_broken_entry_point_names_the_plugin(tmp_path):
     assert "broken" in result.stderr and "kdcompose.terms" in result.stderr
 
 
+@pytest.mark.swift
 def test_documented_custom_term_example_runs():
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "custom_term.py")],

@@ -36,7 +36,10 @@ from kdcompose import build_composer, parse_config
 from loop_support import image_rows, log_rows, train_rows, uneven_rows, write_rows
 from swift_support import kdcompose_command, sections, subprocess_env, write_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 A, B, C, D = range(4)
 TOKENS = {A: 15, B: 31, C: 0, D: 0}

@@ -292,7 +292,8 @@ def test_visual_kd_weight_and_parts_follow_the_schedule():
     s, t = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
     dist = torch.mean((s - t) ** 2)
     for step, mult in ((0, 0.0), (1, 0.25), (4, 1.0)):
-        ctx = LossContext(student_features={"aligner": [s]}, teacher_features={"aligner": [t]}, step=step)
+        pair = composer.term("visual_kd").pair("aligner")
+        ctx = LossContext(taps={pair.student: [s], pair.teacher: [t]}, step=step)
         metrics = composer(ctx).metrics()
         if mult == 0:
             assert metrics == {}
@@ -409,6 +410,7 @@ def test_formula_shows_the_schedule():
     )
 
 
+@pytest.mark.swift
 def test_validate_prints_a_schedule_column_and_json_keeps_its_keys(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
@@ -431,8 +433,9 @@ def test_validate_prints_a_schedule_column_and_json_keeps_its_keys(tmp_path):
     assert "ce[linear 1->0 over 1000]" in payload["formula"]
 
 
+@pytest.mark.swift
 def test_json_schema_documents_the_schedule_for_every_term():
-    from kdcompose.schema.json_schema import config_json_schema
+    from kdcompose.json_schema import config_json_schema
 
     schema = config_json_schema()
     for term in ("lm_jsd", "ce", "visual_kd"):

@@ -30,7 +30,10 @@ from swift_support import (
     write_config,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 LOSS_TOL = 1e-5
 FUSED = {"rlhf": {"loss_terms": {"lm_jsd": {"fused": True}}}}

@@ -40,7 +40,10 @@ from swift_support import (
     write_config,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 MISSING_MODEL = "/nonexistent/kdcompose-test/model"
 VISUAL = {"weight": 0.5, "vit": {"enabled": True, "weight": 1.0, "distance": "mse"}}

@@ -18,7 +18,10 @@ from kdcompose.features import FeatureRecorder
 from kdcompose.functional.vocab import VocabMismatchError
 from swift_support import ForwardCounter, composed, fresh, metric_values, prepared_inputs, shared_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 TOL = 1e-6
 
@@ -182,8 +185,10 @@ def test_visual_only_runs_the_teacher_vision_tower_but_not_its_language_model(tr
     ):
         trainer.model(**inputs)
         teacher(**inputs)
+        pair = composer.term("visual_kd").pair("vit")
         ctx = LossContext(
-            student_features=s_rec.features(), teacher_features=t_rec.features(), has_images=True
+            taps={pair.student: s_rec.features()["vit"], pair.teacher: t_rec.features()["vit"]},
+            has_images=True,
         )
         expected = 2.0 * composer.term("visual_kd").compute(ctx).value
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

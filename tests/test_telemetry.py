@@ -30,7 +30,10 @@ from loop_support import (
 )
 from swift_support import sections
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 TERMS = ("llm_kd_loss", "sft_loss")
 REL = 2e-5

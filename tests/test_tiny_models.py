@@ -18,6 +18,8 @@ from kdcompose.compat import ensure_torchvision_importable
 from kdcompose.testing import tokenizer as ktok
 from kdcompose.testing._cache import MANIFEST, read_manifest
 
+pytestmark = pytest.mark.swift
+
 SRC = Path(kt.__file__).resolve().parents[2]
 
 

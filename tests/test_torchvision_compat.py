@@ -28,6 +28,8 @@ from kdcompose.compat.torchvision_ops import (
     startup_hook_path,
 )
 
+pytestmark = pytest.mark.swift
+
 SRC = Path(kdcompose.compat.__file__).resolve().parents[2]
 
 

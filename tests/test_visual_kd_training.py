@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kdcompose import LossContext, TermNeeds, TermSpec, build_composer, parse_config, register_term
+from kdcompose import LossContext, Tap, TermNeeds, TermSpec, build_composer, parse_config, register_term
 from kdcompose.errors import ConfigError
 from kdcompose.projectors import PROJECTOR_ATTR, PROJECTOR_FILE
 from kdcompose.registry import unregister_term
@@ -28,7 +28,10 @@ from kdcompose.terms import LossTerm
 from kdcompose.testing import build_caption_dataset, load_rows, tiny_gkd_args
 from swift_support import SECTION_OF, SESSION_DIR, ForwardCounter
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 PROBE = "feature_count_probe"
 EXPLODE = "exploding_probe"
@@ -39,27 +42,35 @@ VISION_PARAM = "model.visual.blocks.0.attn.qkv.weight"
 ALIGNER_KEY = "visual_kd__aligner"
 
 
+PROBE_PATHS = {"vit": "model.visual", "aligner": "model.visual.merger", "block0": PROBED_BLOCK}
+
+
+def _probe_tap(side: str, name: str) -> Tap:
+    return Tap(side, PROBE_PATHS[name], vision_only=True)
+
+
 class FeatureCountProbe(LossTerm):
-    """Adds 0 to the loss and writes down what the trainer handed over for this loss forward."""
+    """Adds 0 to the loss and writes down what the trainer handed over for this loss forward:
+    it declares module taps like any user term (no framework knowledge needed)."""
 
     spec_class = TermSpec
     calls: ClassVar[list[dict[str, Any]]] = []
-    targets: ClassVar[dict[str, Any]] = {"block0": SimpleNamespace(module=PROBED_BLOCK, projector=None)}
 
     @property
     def needs(self) -> TermNeeds:
-        names = frozenset({"vit", "block0"})
-        return TermNeeds(student_features=names, teacher_features=names)
+        return TermNeeds(
+            taps=frozenset(_probe_tap(side, n) for side in ("student", "teacher") for n in PROBE_PATHS)
+        )
 
     def compute(self, ctx: LossContext) -> torch.Tensor:
         self.calls.append(
             {
-                "student": {k: len(v) for k, v in ctx.student_features.items()},
-                "teacher": {k: len(v) for k, v in ctx.teacher_features.items()},
-                "generated": ctx.student_generated,
+                side: {n: len(ctx.tapped(_probe_tap(side, n))) for n in PROBE_PATHS}
+                for side in ("student", "teacher")
             }
+            | {"generated": ctx.student_generated}
         )
-        return ctx.student_features["vit"][0].sum() * 0.0
+        return ctx.zero()
 
 
 class ExplodingProbe(FeatureCountProbe):
@@ -373,7 +384,7 @@ def qwen3_vl_run():
         max_steps=4,
     )
     trainer = _build(config)
-    hooked = [h.path for h in trainer._student_recorder.hooked if h.target == "deepstack"]
+    hooked = [h.name for h in trainer._student_recorder.hooked if h.tap.children]
     trainer.train()
     return SimpleNamespace(trainer=trainer, rows=_rows(trainer), hooked=hooked)
 
@@ -411,7 +422,7 @@ def qwen2_5_vl_lora_run():
         save_steps=2,
     )
     trainer = _build(config)
-    hooked = [h.path for h in trainer._student_recorder.hooked]
+    hooked = [h.name for h in trainer._student_recorder.hooked]
     key = f"{PROJECTOR_ATTR}.{ALIGNER_KEY}.weight"  # on the PEFT model itself, next to base_model
     params = dict(trainer.model.named_parameters())
     before = params[key].detach().clone() if key in params else None

@@ -12,11 +12,11 @@ Importing kdcompose never imports ms-swift; the trainer integration lives in
 """
 
 from kdcompose.composer import CompositionOutput, LossComposer, TermResult, build_composer
+from kdcompose.composition import Composition, ResolvedTerm
 from kdcompose.config import KDConfig, load_config, parse_config, parse_config_text
 from kdcompose.errors import ConfigError, ConfigIssue, UnknownTermError
 from kdcompose.registry import get_term_class, register_term, registered_terms
-from kdcompose.schema.composition import Composition, ResolvedTerm
-from kdcompose.terms import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
+from kdcompose.terms import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
 
 __version__ = "0.1.0"
 
@@ -25,11 +25,13 @@ __all__ = [
     "CompositionOutput",
     "ConfigError",
     "ConfigIssue",
+    "FeaturePair",
     "KDConfig",
     "LossComposer",
     "LossContext",
     "LossTerm",
     "ResolvedTerm",
+    "Tap",
     "TermNeeds",
     "TermResult",
     "TermSpec",

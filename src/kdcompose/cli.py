@@ -27,6 +27,7 @@ def _validate(args: argparse.Namespace) -> int:
     for path in args.configs:
         try:
             config = load_config(path)
+            _preflight(config)
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             status = EXIT_INVALID
@@ -47,6 +48,18 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"  {composer.formula()}")
             print(f"  teacher needed: {'yes' if composer.needs.teacher else 'no'}")
     return status
+
+
+def _preflight(config: object) -> None:
+    """The checks `train` makes before loading a model (ms-swift argument names, rlhf_type,
+    unsupported settings, teacher), when ms-swift is installed: a config that validates starts.
+    Without ms-swift only kdcompose's own keys can be checked, and validate says so."""
+    from kdcompose.integrations.swift.preflight import check_config, swift_importable
+
+    if swift_importable():
+        check_config(config)
+    else:
+        print("note: ms-swift is not installed; ms-swift argument names were not checked", file=sys.stderr)
 
 
 def _table(rows: Sequence[dict]) -> str:
@@ -73,7 +86,7 @@ def _table(rows: Sequence[dict]) -> str:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from kdcompose.schema.json_schema import config_json_schema
+    from kdcompose.json_schema import config_json_schema
 
     print(json.dumps(config_json_schema(), indent=2))
     return 0

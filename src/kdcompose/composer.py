@@ -18,13 +18,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import TYPE_CHECKING
 
 import torch
 
+from kdcompose.normalization import token_normalized
 from kdcompose.registry import get_term_class
 from kdcompose.schedules import effective_weight
-from kdcompose.schema.composition import Composition
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermValue
+
+if TYPE_CHECKING:
+    from kdcompose.composition import Composition
 
 WEIGHT_SUFFIX = "_weight"
 """`<metric>_weight`: a scheduled term's effective weight at the step."""
@@ -104,7 +108,7 @@ class LossComposer:
 
     @classmethod
     def from_composition(cls, composition: Composition) -> LossComposer:
-        return cls(get_term_class(t.type)(t.name, t.spec) for t in composition.terms)
+        return cls(get_term_class(t.type)(t.name, t.spec, t.path) for t in composition.terms)
 
     @property
     def active_terms(self) -> tuple[LossTerm, ...]:
@@ -155,7 +159,7 @@ class LossComposer:
             if weight <= 0 or not term.applies_to(ctx):
                 continue
             results.append(self._run(term, ctx, weight))
-        total = torch.stack([r.weighted for r in results]).sum() if results else _connected_zero(ctx)
+        total = torch.stack([r.weighted for r in results]).sum() if results else ctx.zero()
         return CompositionOutput(total=total, terms=tuple(results))
 
     @staticmethod
@@ -167,6 +171,12 @@ class LossComposer:
             raw, raw_parts = value, {}
         if not isinstance(raw, torch.Tensor) or raw.dim() != 0:
             raise TypeError(f"term {term.name!r} must return a scalar tensor, got {raw!r}")
+        if term.needs.token_mean:  # one implementation of `normalize` for every token-mean term
+            scale = token_normalized(
+                raw.new_ones(()), ctx.labels, term.spec.normalize, ctx.step_token_denominator
+            )
+            raw = raw * scale
+            raw_parts = {key: part * scale for key, part in raw_parts.items()}
         reserved = sorted(RESERVED_PARTS.intersection(raw_parts))
         if reserved:
             raise ValueError(f"term {term.name!r} returned parts named {reserved}; those names are reserved")
@@ -181,13 +191,6 @@ class LossComposer:
             scheduled=term.spec.schedule is not None,
             log_raw=term.spec.log_raw,
         )
-
-
-def _connected_zero(ctx: LossContext) -> torch.Tensor:
-    anchor = ctx.anchor()
-    if anchor is None:
-        return torch.zeros(())
-    return anchor.sum() * 0.0
 
 
 def describe_term(term: LossTerm) -> str:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.schema.composition import (
-    Composition,
+from kdcompose.legacy import (
     GkdKnobs,
     parse_gkd_knobs,
     resolve_composition,

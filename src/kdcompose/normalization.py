@@ -39,11 +39,6 @@ TokenNormalization = Literal["micro_batch", "global_tokens"]
 MICRO_BATCH: TokenNormalization = "micro_batch"
 GLOBAL_TOKENS: TokenNormalization = "global_tokens"
 
-STEP_TOKEN_DENOMINATOR = "kdcompose.step_token_denominator"
-"""`LossContext.extras` key of `D = N / (R G)` for the current micro-batch (a 0-d float tensor);
-absent outside a trainer that provides it (Python use, evaluation), where `global_tokens`
-falls back to the micro-batch mean."""
-
 
 def valid_token_count(labels: torch.Tensor) -> torch.Tensor:
     """Positions that carry a label (`!= -100`), as a 0-d int64 tensor on the labels' device.
@@ -91,7 +86,6 @@ def token_normalized(
 __all__ = [
     "GLOBAL_TOKENS",
     "MICRO_BATCH",
-    "STEP_TOKEN_DENOMINATOR",
     "TokenNormalization",
     "step_token_denominator",
     "token_normalized",

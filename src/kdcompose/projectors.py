@@ -35,13 +35,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.primitives import unwrap_model as _unwrap
+from kdcompose.terms.features import FeatureWidthError as FeatureWidthError
+from kdcompose.terms.base import FeaturePair, Tap
 
 logger = logging.getLogger(__name__)
 
@@ -51,33 +53,21 @@ PROJECTOR_FILE = "kdcompose_projectors.safetensors"
 """File holding the projectors' weights in each checkpoint directory."""
 PROJECTOR_KINDS: tuple[str, ...] = ("linear",)
 OPTION = "projector"
-"""The YAML key of a visual_kd target that asks for a projector."""
+"""The YAML key of a feature pair (or visual_kd target) that asks for a projector."""
 
 
-class FeatureWidthError(ValueError):
-    """Student and teacher features of a target have different widths and no projector maps them."""
+def projector_key(term: str, pair: str) -> str:
+    """Key of the projector of feature pair `pair` of term `term` (a term name is an identifier,
+    a pair name has no `__`, so the key is unambiguous and never an attribute of `ModuleDict`)."""
+    return f"{term}__{pair}"
 
 
-def projector_key(term: str, target: str) -> str:
-    """Key of the projector of `target` in term `term` (a term name is an identifier, a target
-    has no `__`, so the key is unambiguous and never an attribute of `ModuleDict`)."""
-    return f"{term}__{target}"
-
-
-def option_paths(term: str, target: str) -> str:
-    """Where the `projector` option of a target lives in YAML, for messages."""
-    paths = f"`rlhf.loss_terms.{term}.{target}.{OPTION}`"
-    if term == "visual_kd":
-        paths += f" (or `custom.visual_kd.{target}.{OPTION}` in the legacy block)"
-    return paths
-
-
-def width_mismatch_message(term: str, target: str, student: int, teacher: int, where: str = "") -> str:
+def width_mismatch_message(pair: FeaturePair, student: int, teacher: int) -> str:
     return (
-        f"visual KD term {term!r}, target {target!r}: the student's features are {student} wide but the "
-        f"teacher's are {teacher} wide{where}, so they cannot be compared element by element. Set "
-        f"{option_paths(term, target)} to `linear` to learn a {student}->{teacher} map (trained with the "
-        "student, saved in its checkpoints), or use a target whose widths agree"
+        f"{pair.student.describe()} is {student} wide but {pair.teacher.describe()} is {teacher} wide, so "
+        f"they cannot be compared element by element. Set `{pair.origin}.{OPTION}: linear` to learn a "
+        f"{student}->{teacher} map (trained with the student, saved in its checkpoints), or pick modules "
+        "whose widths agree"
     )
 
 
@@ -105,46 +95,73 @@ def build_projector(
     return LinearProjector(in_width, out_width, device=device)
 
 
-# ---------------------------------------------------------------------- widths from the model config
+# ---------------------------------------------------------------------- widths, read without running a model
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engine
-        model = model.module
-    return model
+def _last_weighted_leaf(module: nn.Module) -> nn.Module | None:
+    leaves = [
+        m for m in module.modules() if not list(m.children()) and getattr(m, "weight", None) is not None
+    ]
+    return leaves[-1] if leaves else None
+
+
+def module_width(module: nn.Module, io: str = "output") -> int | None:
+    """The last-dimension width of what `module` outputs (or takes as input), read from its
+    structure without running it; None when it cannot be known up front.
+
+    A Linear: `out_features` (`in_features` for its input). A transformers model (a vision
+    tower): its config's `embed_dim`, else `hidden_size` -- the width of `last_hidden_state`.
+    A module with a `hidden_size` attribute and no config (a decoder layer) for its input.
+    Otherwise its output is the output of its last weighted leaf in registration order
+    (a decoder layer ends in its post-attention norm, a merger in its last Linear).
+    """
+    if isinstance(module, nn.Linear):
+        return int(module.in_features if io == "input" else module.out_features)
+    config = getattr(module, "config", None)
+    if config is not None and io == "output":
+        width = getattr(config, "embed_dim", None) or getattr(config, "hidden_size", None)
+        return int(width) if isinstance(width, int) and width > 0 else None
+    if io == "input":
+        width = getattr(module, "hidden_size", None)
+        return int(width) if isinstance(width, int) and width > 0 else None
+    leaf = _last_weighted_leaf(module)
+    if isinstance(leaf, nn.Linear):
+        return int(leaf.out_features)
+    if isinstance(leaf, nn.Embedding):
+        return int(leaf.embedding_dim)
+    weight = getattr(leaf, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # a norm layer
+        shape = getattr(weight, "ds_shape", None) or weight.shape  # ZeRO-3 partitions the tensor itself
+        return int(shape[0]) if shape[0] else None
+    return None
+
+
+def tap_width(model: nn.Module, tap: Tap) -> int | None:
+    """Width of `tap`'s tensors in `model` (children taps: the first child's), or None."""
+    from kdcompose.taps import TapNotFound, resolve_path
+
+    try:
+        _, module = resolve_path(_unwrap(model), tap.path)
+    except TapNotFound:
+        return None
+    if tap.children:
+        children = list(module.children())
+        if not children:
+            return None
+        module = children[0]
+    return module_width(module, tap.io)
 
 
 def infer_feature_width(model: nn.Module, target: str, module: str | None = None) -> int | None:
-    """The last-dimension width of `target`'s features in `model`, read without running it;
-    None when it cannot be known up front.
+    """Width of a visual KD target (`vit` / `aligner` / `deepstack` default paths, or a
+    `module:` override) in `model`; kept for scripts that called it before module taps."""
+    from kdcompose.features import DEFAULT_TARGET_PATHS, EXPAND_CHILDREN
 
-    Default paths (Qwen2-VL / Qwen2.5-VL / Qwen3-VL layout): `vit` is the vision tower's own
-    width (`vision_config.embed_dim`, else `vision_config.hidden_size`); `aligner` and
-    `deepstack` feed the language model, so they are its hidden size (`out_hidden_size` of the
-    vision config where present). A `module:` override is known only when it is a Linear.
-    """
-    model = _unwrap(model)
-    if module is not None:
-        from kdcompose.features import FeatureModuleNotFound, resolve_module
-
-        try:
-            _, found = resolve_module(model, module, target)
-        except FeatureModuleNotFound:
-            return None
-        return int(found.out_features) if isinstance(found, nn.Linear) else None
-    config = getattr(model, "config", None)
-    vision = getattr(config, "vision_config", None)
-    if vision is None:
+    path = module or DEFAULT_TARGET_PATHS.get(target)
+    if path is None:
         return None
-    if target == "vit":
-        width = getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", None)
-    elif target in ("aligner", "deepstack"):
-        width = getattr(vision, "out_hidden_size", None)
-        if width is None and hasattr(config, "get_text_config"):
-            width = getattr(config.get_text_config(), "hidden_size", None)
-    else:
-        width = None
-    return int(width) if isinstance(width, int) and width > 0 else None
+    children = module is None and target in EXPAND_CHILDREN
+    return tap_width(model, Tap("student", path, children=children))
 
 
 # ---------------------------------------------------------------------- planning and attaching
@@ -152,56 +169,43 @@ def infer_feature_width(model: nn.Module, target: str, module: str | None = None
 
 @dataclass(frozen=True)
 class ProjectorPlan:
-    """One projector to build: which term and target, what kind, from which width to which."""
+    """One projector to build: which feature pair (its key and YAML path), what kind, from
+    which width to which."""
 
-    term: str
-    target: str
+    key: str
+    origin: str
     kind: str
     in_width: int
     out_width: int
 
-    @property
-    def key(self) -> str:
-        return projector_key(self.term, self.target)
 
-
-def _feature_targets(terms: Iterable[Any]) -> Iterable[tuple[str, str, Any]]:
-    """(term name, target name, target spec) of every active term that declares feature targets."""
-    for term in terms:
-        for target, spec in (getattr(term, "targets", None) or {}).items():
-            yield term.name, target, spec
-
-
-def plan_projectors(terms: Iterable[Any], student: nn.Module, teacher: nn.Module) -> list[ProjectorPlan]:
-    """The projectors the active `terms` need, with their widths; ConfigError (every problem at
-    once, each naming its dotted path) for a width mismatch without `projector`, or a projector
-    whose widths cannot be read from the models."""
+def plan_projectors(
+    pairs: Iterable[FeaturePair], student: nn.Module, teacher: nn.Module
+) -> list[ProjectorPlan]:
+    """The projectors the declared feature `pairs` need, with widths read from the models;
+    ConfigError (every problem at once, each naming the pair's YAML path) for a width mismatch
+    without a projector, or a projector whose widths cannot be read before training."""
     plans: list[ProjectorPlan] = []
     issues: list[ConfigIssue] = []
-    for term, target, spec in _feature_targets(terms):
-        module = getattr(spec, "module", None)
-        kind = getattr(spec, OPTION, None)
-        s_width = infer_feature_width(student, target, module)
-        t_width = infer_feature_width(teacher, target, module)
-        path = f"rlhf.loss_terms.{term}.{target}"
-        if kind is None:
+    for pair in sorted(set(pairs), key=lambda p: p.key):
+        s_width = tap_width(student, pair.student)
+        t_width = tap_width(teacher, pair.teacher)
+        if pair.projector is None:
             if s_width is not None and t_width is not None and s_width != t_width:
-                where = f" (from the model configs{f', module {module!r}' if module else ''})"
-                message = width_mismatch_message(term, target, s_width, t_width, where)
-                issues.append(ConfigIssue(path, message))
+                issues.append(ConfigIssue(pair.origin, width_mismatch_message(pair, s_width, t_width)))
             continue
         if s_width is None or t_width is None:
-            what = f"module {module!r}" if module else f"target {target!r}"
             issues.append(
                 ConfigIssue(
-                    f"{path}.{OPTION}",
+                    f"{pair.origin}.{OPTION}",
                     "a projector needs both feature widths before training starts, but kdcompose cannot "
-                    f"read them for {what} from the model configs (student: {s_width}, teacher: {t_width}). "
-                    "Point `module:` at a Linear layer or drop the projector",
+                    f"read them from the models ({pair.student.describe()}: {s_width}, "
+                    f"{pair.teacher.describe()}: {t_width}). Tap a Linear layer, a decoder layer or a "
+                    "model, or drop the projector",
                 )
             )
             continue
-        plans.append(ProjectorPlan(term, target, kind, s_width, t_width))
+        plans.append(ProjectorPlan(pair.key, pair.origin, pair.projector, s_width, t_width))
     if issues:
         raise ConfigError(issues, source="kdcompose feature widths")
     return plans

@@ -1,1 +1,1 @@
-"""Config schema: value types, section models and the legacy-knob translation."""
+"""Config schema: value types and validation helpers. A leaf: it imports no term."""

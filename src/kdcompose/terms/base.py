@@ -1,32 +1,47 @@
 """The loss-term protocol: what a term needs, how it computes, how it is named.
 
-Every term declares up front what it needs (`TermNeeds`), so the trainer can skip the
-teacher forward, the feature hooks or the labels when no *active* term asks for them.
-A term computes its *unweighted* value; weighting, skipping and metrics are the
-composer's job, so a term cannot get them wrong.
+Every term declares up front, in `TermNeeds`, everything it reads from the models: logits
+and final hidden states per side, labels, **module taps** (any module's output or input, by
+dotted path, per side, with the call index for modules that run more than once), **feature
+pairs** (a student tap compared with a teacher tap, optionally through a trainable
+projector whose widths the framework discovers) and whether its value is a token mean (so
+the framework applies `normalize`). The trainer computes exactly the union of what the
+*active* terms declare -- no teacher forward, no hook, no projector for anything else -- and
+never reads a term's own spec fields or tests its name. That is what lets a new term that
+taps any module be one file and one decorator.
+
+A term computes its *unweighted* value; weighting, skipping, normalization and metrics are
+the composer's job, so a term cannot get them wrong.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictBool
 
+from kdcompose.errors import ConfigIssue
 from kdcompose.nonfinite import OnNonFinite
+from kdcompose.normalization import TokenNormalization
+from kdcompose.primitives import connected_zero
 from kdcompose.schedules import ScheduleSpec
 from kdcompose.schema.types import Weight
+
+Side = Literal["student", "teacher"]
+TapIO = Literal["output", "input"]
 
 
 class TermSpec(BaseModel):
     """Base of every term's config block: a weight (0 disables the term) and its type.
 
     Subclasses add their own knobs. Unknown keys are an error, so a typo such as
-    `wieght` never silently falls back to a default. `schedule` and `log_raw` live here so
-    that every term, a user's included, gets them without writing a line.
+    `wieght` never silently falls back to a default. `schedule`, `log_raw`, `on_nonfinite`
+    and `normalize` live here so that every term, a user's included, gets them without
+    writing a line.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,6 +56,59 @@ class TermSpec(BaseModel):
     on_nonfinite: OnNonFinite = "error"
     """What the trainer does when this term is NaN/inf: `error` stops before the step is
     applied, naming the term and step; `skip_step` skips the optimizer step (kdcompose.nonfinite)."""
+    normalize: TokenNormalization = "micro_batch"
+    """For a term whose value is a mean over labelled tokens (`TermNeeds.token_mean`):
+    `micro_batch` (ms-swift's default) or `global_tokens`, the labelled tokens of the whole
+    optimizer step, all micro-batches and ranks (kdcompose.normalization). Ignored by nothing:
+    a term that is not a token mean refuses `global_tokens` (see `LossTerm.config_issues`)."""
+
+    def effective_weight(self) -> float:
+        """The weight the composition uses (a spec with an off switch overrides this)."""
+        return self.weight
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One module whose output (or input) a term reads, recorded during the loss forward only.
+
+    `path` is relative to the unwrapped model (DDP `module.`, PEFT `base_model.model.` and
+    `torch.compile` prefixes are resolved). `call`: which call of a module that runs several
+    times per forward (0 = first, -1 = last; None = every call, in order). `children`: hook
+    each direct child of the module instead (e.g. a list of mergers). `vision_only`: the
+    module runs inside the vision encoder, so the teacher may run only that encoder when no
+    active term needs more. `origin` is the dotted YAML path of the setting, for errors; it
+    does not take part in equality, so two terms tapping one module share one hook.
+    """
+
+    side: Side
+    path: str
+    io: TapIO = "output"
+    call: int | None = None
+    children: bool = False
+    vision_only: bool = False
+    origin: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        call = "" if self.call is None else f"[call {self.call}]"
+        return f"{self.side}:{self.path}{'' if self.io == 'output' else ' (input)'}{call}"
+
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """A student tap compared element by element with a teacher tap.
+
+    The framework checks before training that the widths (last dimension) agree, or, with
+    `projector` set, builds a trainable map from the student's width to the teacher's
+    (kdcompose.projectors), trains it with the student, saves and resumes it, and hands it
+    to the term as `LossContext.projectors[key]`. `key` is unique per composition
+    (`<term>__<pair>`); `origin` is the YAML path of the pair, for errors.
+    """
+
+    key: str
+    student: Tap
+    teacher: Tap
+    projector: Literal["linear"] | None = None
+    origin: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -52,19 +120,33 @@ class TermNeeds:
     teacher_logits: bool = False
     labels: bool = False
     student_hidden: bool = False
+    """The student's final hidden states at its LM head's input (plus the head itself)."""
     teacher_hidden: bool = False
-    student_features: frozenset[str] = frozenset()
-    teacher_features: frozenset[str] = frozenset()
+    taps: frozenset[Tap] = frozenset()
+    pairs: frozenset[FeaturePair] = frozenset()
+    token_mean: bool = False
+    """The value is a mean over the labelled tokens of the micro-batch: the composer applies
+    the spec's `normalize` to it."""
+
+    @property
+    def all_taps(self) -> frozenset[Tap]:
+        """Every tap, including both sides of every feature pair."""
+        return self.taps | {t for p in self.pairs for t in (p.student, p.teacher)}
+
+    def side_taps(self, side: Side) -> frozenset[Tap]:
+        return frozenset(t for t in self.all_taps if t.side == side)
 
     @property
     def teacher(self) -> bool:
         """True when the teacher must run at all."""
-        return self.teacher_logits or self.teacher_hidden or bool(self.teacher_features)
+        return self.teacher_logits or self.teacher_hidden or bool(self.side_taps("teacher"))
 
     @property
     def teacher_language_model(self) -> bool:
-        """True when the teacher's language model (not only its vision tower) must run."""
-        return self.teacher_logits or self.teacher_hidden
+        """True when the teacher's language model (not only its vision encoder) must run."""
+        if self.teacher_logits or self.teacher_hidden:
+            return True
+        return any(not t.vision_only for t in self.side_taps("teacher"))
 
     def __or__(self, other: TermNeeds) -> TermNeeds:
         merged: dict[str, Any] = {}
@@ -79,8 +161,11 @@ class LossContext:
     """Everything a term may read for one micro-batch.
 
     Logits and labels are already aligned (position i of the logits predicts labels[i]);
-    `-100` marks positions that carry no loss. Features map a target name (e.g.
-    "aligner") to the tensors recorded for it during the loss forward.
+    `-100` marks positions that carry no loss. `taps` maps each declared `Tap` to the
+    tensors recorded for it during the loss forward (one per call, in call order, or the
+    selected call). Module outputs cover the whole sequence even where ms-swift trims the
+    logits (`logits_to_keep`): `sequence_labels` / `attention_mask` are the aligned labels
+    and the padding mask of that whole sequence.
     """
 
     labels: torch.Tensor | None = None
@@ -90,28 +175,42 @@ class LossContext:
     teacher_hidden: torch.Tensor | None = None
     student_lm_head: torch.nn.Module | None = None
     teacher_lm_head: torch.nn.Module | None = None
-    student_features: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
-    teacher_features: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
+    taps: Mapping[Tap, Sequence[torch.Tensor]] = field(default_factory=dict)
+    sequence_labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
     student_generated: bool = False
     """True when the completion was sampled from the student (on-policy GKD batch)."""
     has_images: bool | None = None
     """None when unknown; False lets feature terms skip text-only batches."""
-    projectors: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
-    """Feature projectors by `kdcompose.projectors.projector_key(term, target)`: the trainable
-    student->teacher width maps of targets configured with `projector:` (trained with the student)."""
+    projectors: Mapping[str, Any] = field(default_factory=dict)
+    """Trainable student->teacher width maps by `FeaturePair.key`, for pairs declared with a
+    projector (built, trained, saved and resumed by the trainer; kdcompose.projectors)."""
     step: int = 0
+    step_token_denominator: torch.Tensor | None = None
+    """`D = N / (R G)` of the current optimizer step for `normalize: global_tokens`
+    (kdcompose.normalization); None outside a trainer that counts it (then: micro-batch mean)."""
     extras: dict[str, Any] = field(default_factory=dict)
+    """Free-form values a custom training loop passes to its own terms."""
+
+    def tapped(self, tap: Tap) -> list[torch.Tensor]:
+        """The tensors recorded for `tap` (empty when none was recorded, e.g. no image)."""
+        return list(self.taps.get(tap, ()))
 
     def anchor(self) -> torch.Tensor | None:
         """A student tensor to hang a graph-connected zero on (keeps DDP from hanging)."""
         for candidate in (self.student_logits, self.student_hidden):
             if candidate is not None and candidate.requires_grad:
                 return candidate
-        for tensors in self.student_features.values():
+        for tap, tensors in self.taps.items():
             for tensor in tensors:
-                if tensor.requires_grad:
+                if tap.side == "student" and tensor.requires_grad:
                     return tensor
         return self.student_logits if self.student_logits is not None else self.student_hidden
+
+    def zero(self) -> torch.Tensor:
+        """A 0 connected to the student's graph that stays finite even if the anchor holds ±inf."""
+        anchor = self.anchor()
+        return torch.zeros(()) if anchor is None else connected_zero(anchor)
 
 
 @dataclass(frozen=True)
@@ -127,7 +226,9 @@ class LossTerm(ABC):
     """Base class of a loss term. Register subclasses with `@register_term`.
 
     A subclass sets `spec_class` (its pydantic config block) and implements `needs`,
-    `compute` and optionally `applies_to` and `describe`.
+    `compute` and optionally `applies_to`, `describe` and `config_issues`. `origin` is the
+    dotted YAML path the term was declared at (`rlhf.loss_terms.<name>`, `custom.visual_kd`,
+    the `--loss_terms` flag, ...): every message about the term names it.
     """
 
     spec_class: ClassVar[type[TermSpec]] = TermSpec
@@ -137,15 +238,16 @@ class LossTerm(ABC):
     """Metric key used when the instance is named after its type (contract names such as
     `llm_kd_loss`); other instances log `<name>_loss`."""
 
-    def __init__(self, name: str, spec: TermSpec) -> None:
+    def __init__(self, name: str, spec: TermSpec, origin: str | None = None) -> None:
         if not isinstance(spec, self.spec_class):
             raise TypeError(f"term {name!r} expects a {self.spec_class.__name__}, got {type(spec).__name__}")
         self.name = name
         self.spec = spec
+        self.origin = origin or f"rlhf.loss_terms.{name}"
 
     @property
     def weight(self) -> float:
-        return self.spec.weight
+        return self.spec.effective_weight()
 
     @property
     def active(self) -> bool:
@@ -170,6 +272,19 @@ class LossTerm(ABC):
     @abstractmethod
     def compute(self, ctx: LossContext) -> torch.Tensor | TermValue:
         """The unweighted value (a scalar tensor connected to the student's graph)."""
+
+    def config_issues(self) -> list[ConfigIssue]:
+        """Problems with the term's settings that its spec alone cannot see (checked when the
+        composition is resolved, before any model loads). The default checks `normalize`."""
+        if self.spec.normalize == "global_tokens" and not self.needs.token_mean:
+            return [
+                ConfigIssue(
+                    f"{self.origin}.normalize",
+                    "global_tokens applies to terms whose value is a mean over labelled tokens; this "
+                    "term's is not: remove `normalize`",
+                )
+            ]
+        return []
 
     def describe(self) -> str:
         """How the term appears in the printed formula, e.g. `lm_jsd(beta=0.5)`."""

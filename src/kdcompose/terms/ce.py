@@ -6,7 +6,6 @@ import torch
 from pydantic import StrictBool
 
 from kdcompose.functional import masked_cross_entropy
-from kdcompose.normalization import STEP_TOKEN_DENOMINATOR, TokenNormalization, token_normalized
 from kdcompose.registry import register_term
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec
 
@@ -16,9 +15,6 @@ class CeSpec(TermSpec):
     student sampled itself is not a target worth imitating, so by default neither do we."""
 
     on_student_generated: StrictBool = False
-    normalize: TokenNormalization = "micro_batch"
-    """`micro_batch` (ms-swift) or `global_tokens`: the labelled tokens of the whole optimizer
-    step, all micro-batches and ranks (kdcompose.normalization)."""
 
 
 @register_term("ce")
@@ -31,7 +27,7 @@ class CeTerm(LossTerm):
 
     @property
     def needs(self) -> TermNeeds:
-        return TermNeeds(student_logits=True, labels=True)
+        return TermNeeds(student_logits=True, labels=True, token_mean=True)
 
     def applies_to(self, ctx: LossContext) -> bool:
         return self.spec.on_student_generated or not ctx.student_generated
@@ -39,8 +35,7 @@ class CeTerm(LossTerm):
     def compute(self, ctx: LossContext) -> torch.Tensor:
         if ctx.student_logits is None or ctx.labels is None:
             raise ValueError(f"term {self.name!r} needs student logits and labels in the loss context")
-        mean = masked_cross_entropy(ctx.student_logits, ctx.labels)
-        return token_normalized(mean, ctx.labels, self.spec.normalize, ctx.extras.get(STEP_TOKEN_DENOMINATOR))
+        return masked_cross_entropy(ctx.student_logits, ctx.labels)
 
     def describe(self) -> str:
         options = ["all batches"] if self.spec.on_student_generated else []

@@ -7,7 +7,6 @@ from pydantic import StrictBool
 
 from kdcompose.defaults import SWIFT_GKD_BETA, SWIFT_GKD_TEMPERATURE
 from kdcompose.functional import fused_linear_generalized_jsd, generalized_jsd
-from kdcompose.normalization import STEP_TOKEN_DENOMINATOR, TokenNormalization, token_normalized
 from kdcompose.registry import register_term
 from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec
@@ -26,10 +25,6 @@ class LmJsdSpec(TermSpec):
     logits gradient) ever exist (`kdcompose.functional.fused_linear_generalized_jsd`). Same value
     and gradients as `false` up to float rounding; saves memory, not time (docs/performance.md).
     The LM heads must be plain linear layers with the same number of rows."""
-    normalize: TokenNormalization = "micro_batch"
-    """`micro_batch`: mean over each micro-batch's labelled tokens (ms-swift); `global_tokens`:
-    over the labelled tokens of the whole optimizer step, all micro-batches and ranks
-    (kdcompose.normalization)."""
 
 
 @register_term("lm_jsd")
@@ -52,12 +47,11 @@ class LmJsdTerm(LossTerm):
     @property
     def needs(self) -> TermNeeds:
         if self.spec.fused:
-            return TermNeeds(student_hidden=True, teacher_hidden=True, labels=True)
-        return TermNeeds(student_logits=True, teacher_logits=True, labels=True)
+            return TermNeeds(student_hidden=True, teacher_hidden=True, labels=True, token_mean=True)
+        return TermNeeds(student_logits=True, teacher_logits=True, labels=True, token_mean=True)
 
     def compute(self, ctx: LossContext) -> torch.Tensor:
-        mean = self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx)
-        return token_normalized(mean, ctx.labels, self.spec.normalize, ctx.extras.get(STEP_TOKEN_DENOMINATOR))
+        return self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx)
 
     def _logits_mean(self, ctx: LossContext) -> torch.Tensor:
         if ctx.student_logits is None or ctx.teacher_logits is None:

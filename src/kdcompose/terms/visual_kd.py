@@ -1,30 +1,43 @@
 """`visual_kd`: feature distillation of the vision tower, aligner and deepstack mergers.
 
-Features are recorded with forward hooks by the trainer (see the ms-swift integration);
-this term only compares what was recorded. Each target has its own weight and distance;
+Each target is a pair of module taps (`FeaturePair`): the framework hooks the declared
+module paths on both models and records them during the loss forward (kdcompose.taps);
+this term only compares what was recorded. `vit` / `aligner` / `deepstack` are default
+paths for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL layout; `module:` points a target anywhere.
+Each target has its own weight and distance;
 the term's value is the weighted sum over enabled targets, and each target's share is
 reported as a part so dashboards can show `vision_kd_loss_<target>`.
 
 A target whose student and teacher widths differ needs `projector: linear`: the student's
 features then go through a trainable linear map (`kdcompose.projectors`, built and owned
-by the trainer, handed over in `LossContext.projectors`) before the distance.
+by the trainer from the declared pair, handed over in `LossContext.projectors`) before the
+distance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
+from kdcompose.errors import ConfigIssue
 from kdcompose.functional import feature_distance
-from kdcompose.projectors import FeatureWidthError, projector_key, width_mismatch_message
 from kdcompose.registry import register_term
 from kdcompose.schema.types import Weight
-from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
+from kdcompose.terms.base import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
+from kdcompose.terms.features import compare_features
 
 VISUAL_TARGETS: tuple[str, ...] = ("vit", "aligner", "deepstack")
+DEFAULT_TARGET_PATHS: dict[str, str] = {
+    "vit": "model.visual",
+    "aligner": "model.visual.merger",
+    "deepstack": "model.visual.deepstack_merger_list",
+}
+"""Default module paths (relative to the unwrapped model) for the Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL families in transformers 5.x. `vit` is the vision tower: its output carries the
+pre-merger patch features in `last_hidden_state`. `deepstack` taps every child of the merger list."""
+EXPAND_CHILDREN: frozenset[str] = frozenset({"deepstack"})
 
 
 class VisualTargetSpec(BaseModel):
@@ -66,6 +79,9 @@ class VisualKdSpec(TermSpec):
     def active_targets(self) -> dict[str, VisualTargetSpec]:
         return {name: spec for name, spec in self.targets().items() if spec.active}
 
+    def effective_weight(self) -> float:
+        return self.weight if self.enabled else 0.0
+
 
 @register_term("visual_kd")
 class VisualKdTerm(LossTerm):
@@ -77,64 +93,55 @@ class VisualKdTerm(LossTerm):
     spec: VisualKdSpec
 
     @property
-    def weight(self) -> float:
-        return self.spec.weight if self.spec.enabled else 0.0
-
-    @property
     def targets(self) -> dict[str, VisualTargetSpec]:
         return self.spec.active_targets()
 
+    def pair(self, target: str) -> FeaturePair:
+        """The module taps of `target` on both models, as a feature pair."""
+        spec = self.spec.active_targets()[target]
+        origin = f"{self.origin}.{target}"
+        path = spec.module or DEFAULT_TARGET_PATHS[target]
+        children = spec.module is None and target in EXPAND_CHILDREN
+        where = f"{origin}.module" if spec.module else origin
+
+        def tap(side: str) -> Tap:
+            return Tap(side, path, children=children, vision_only=True, origin=where)  # type: ignore[arg-type]
+
+        return FeaturePair(f"{self.name}__{target}", tap("student"), tap("teacher"), spec.projector, origin)
+
     @property
     def needs(self) -> TermNeeds:
-        names = frozenset(self.targets)
-        return TermNeeds(student_features=names, teacher_features=names)
+        return TermNeeds(pairs=frozenset(self.pair(name) for name in self.targets))
+
+    def config_issues(self) -> list[ConfigIssue]:
+        issues = super().config_issues()
+        if not self.targets:
+            issues.append(
+                ConfigIssue(
+                    self.origin,
+                    "visual KD is enabled but no target is: enable at least one of vit, aligner, deepstack "
+                    "(e.g. `aligner: {enabled: true, weight: 1.0}`) or set its weight to 0",
+                )
+            )
+        return issues
 
     def applies_to(self, ctx: LossContext) -> bool:
         if ctx.has_images is False:
             return False
-        return any(ctx.student_features.get(name) for name in self.targets)
+        return any(ctx.tapped(self.pair(name).student) for name in self.targets)
 
     def compute(self, ctx: LossContext) -> TermValue:
         parts: dict[str, torch.Tensor] = {}
         for name, target in self.targets.items():
-            student = list(ctx.student_features.get(name, ()))
-            teacher = list(ctx.teacher_features.get(name, ()))
-            if not student and not teacher:
+            pair = self.pair(name)
+            if not ctx.tapped(pair.student) and not ctx.tapped(pair.teacher):
                 continue
-            if len(student) != len(teacher):
-                raise ValueError(
-                    f"term {self.name!r}, target {name!r}: recorded {len(student)} student feature tensor(s) "
-                    f"but {len(teacher)} teacher one(s); student and teacher must have the same "
-                    "modules for this target"
-                )
-            project = self._projector(ctx, name, target)
-            distances = []
-            for s, t in zip(student, teacher, strict=True):
-                if project is not None:
-                    s = project(s)
-                elif s.shape[-1] != t.shape[-1]:
-                    raise FeatureWidthError(width_mismatch_message(self.name, name, s.shape[-1], t.shape[-1]))
-                distances.append(feature_distance(s, t, target.distance))
-            parts[name] = target.weight * torch.stack(distances).mean()
+            distance = compare_features(ctx, pair, lambda s, t, d=target.distance: feature_distance(s, t, d))
+            parts[name] = target.weight * distance
         if not parts:
             raise ValueError(f"term {self.name!r}: no features recorded for targets {sorted(self.targets)}")
         value = torch.stack(list(parts.values())).sum()
         return TermValue(value=value, parts=parts)
-
-    def _projector(
-        self, ctx: LossContext, name: str, target: VisualTargetSpec
-    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if target.projector is None:
-            return None
-        project = ctx.projectors.get(projector_key(self.name, name))
-        if project is None:
-            raise ValueError(
-                f"term {self.name!r}, target {name!r} is configured with `projector: {target.projector}` but "
-                "the loss context carries no projector for it: the ms-swift trainer builds them; in your own "
-                "loop build them with kdcompose.projectors.plan_projectors / attach_projectors and pass "
-                "them as LossContext.projectors"
-            )
-        return project
 
     def describe(self) -> str:
         inner = ", ".join(_describe_target(name, t) for name, t in self.targets.items())

@@ -36,8 +36,9 @@ from typing import Any
 import yaml
 
 from kdcompose.composer import build_composer
+from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.schema.composition import Composition, parse_gkd_knobs, resolve_composition
+from kdcompose.legacy import parse_gkd_knobs, resolve_composition
 
 OWN_FLAGS: dict[str, str] = {
     "loss_terms": "rlhf.loss_terms",
@@ -129,28 +130,10 @@ def resolve_from_flags(own: Mapping[str, Any], arguments: Any, given: set[str]) 
 
 def check_arguments(composition: Composition, arguments: Any) -> None:
     """rlhf_type, teacher and unsupported settings, on the half-built `RLHFArguments`."""
-    from kdcompose.integrations.swift.args import (
-        missing_teacher_issue,
-        teacher_terms,
-        unsupported_setting_issues,
-    )
+    from kdcompose.integrations.swift.preflight import SETTINGS_READ, setting_issues
 
-    issues: list[ConfigIssue] = []
-    rlhf_type = getattr(arguments, "rlhf_type", None)
-    if rlhf_type != "gkd":
-        issues.append(
-            ConfigIssue("--rlhf_type", f"kdcompose's flags need --rlhf_type gkd, got {rlhf_type!r}")
-        )
-    values = {
-        k: getattr(arguments, k, None)
-        for k in ("teacher_model", "teacher_model_server", "gkd_logits_topk", "use_liger_kernel")
-    }
-    issues += unsupported_setting_issues(values, {k: f"--{k}" for k in values})
-    missing = missing_teacher_issue(
-        values, teacher_terms(build_composer(composition)), path="--teacher_model"
-    )
-    if missing is not None:
-        issues.append(missing)
+    values = {k: getattr(arguments, k, None) for k in SETTINGS_READ}
+    issues = setting_issues(values, build_composer(composition), {k: f"--{k}" for k in values})
     if issues:
         raise ConfigError(issues, source=SOURCE)
 

@@ -22,16 +22,13 @@ from typing import Any, TextIO
 
 from kdcompose.composer import build_composer
 from kdcompose.config import KDConfig, load_config
-from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import TRAINER_PATH
 from kdcompose.integrations.swift.args import (
     coerce_to_fields,
-    missing_teacher_issue,
     swift_argument_fields,
-    teacher_terms,
-    unknown_argument_issues,
-    unsupported_setting_issues,
 )
+from kdcompose.integrations.swift.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 
 EXIT_OK = 0
@@ -47,21 +44,8 @@ _TORCHRUN_ENV = ("NPROC_PER_NODE", "MASTER_PORT", "NNODES", "NODE_RANK", "MASTER
 def swift_kwargs(config: KDConfig) -> dict[str, Any]:
     """`RLHFArguments` keyword arguments for a config; ConfigError (every problem, with its
     dotted path) when ms-swift would reject it or kdcompose cannot honour it."""
-    fields = swift_argument_fields()
-    paths = dict(config.arg_paths)
-    issues: list[ConfigIssue] = unknown_argument_issues(config.swift_args, fields, paths)
-    issues += unsupported_setting_issues(config.swift_args, paths)
-    missing = missing_teacher_issue(config.swift_args, teacher_terms(build_composer(config.composition)))
-    if missing is not None:
-        issues.append(missing)
-    rlhf_type = config.swift_args.get("rlhf_type", "gkd")
-    if rlhf_type != "gkd":  # parse_config rejects it too; kept here for configs built in Python
-        issues.append(
-            ConfigIssue(paths.get("rlhf_type", "rlhf.rlhf_type"), f"must be gkd, got {rlhf_type!r}")
-        )
-    if issues:
-        raise ConfigError(issues, source=config.source)
-    kwargs = coerce_to_fields(config.swift_args, fields)
+    check_config(config)
+    kwargs = coerce_to_fields(config.swift_args, swift_argument_fields())
     kwargs["rlhf_type"] = "gkd"
     return kwargs
 

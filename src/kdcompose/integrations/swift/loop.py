@@ -40,12 +40,7 @@ from kdcompose.integrations.swift.metrics import (
     zero_where_nonfinite,
 )
 from kdcompose.nonfinite import SKIP_STEP, describe
-from kdcompose.normalization import (
-    GLOBAL_TOKENS,
-    STEP_TOKEN_DENOMINATOR,
-    step_token_denominator,
-    valid_token_count,
-)
+from kdcompose.normalization import GLOBAL_TOKENS, step_token_denominator, valid_token_count
 
 
 def _logger() -> Any:
@@ -80,9 +75,9 @@ class LoopMixin:
 
     def _kd_global_token_terms(self) -> list[str]:
         return [
-            t.name
+            t.origin
             for t in self.kd_composer.active_terms
-            if getattr(t.spec, "normalize", None) == GLOBAL_TOKENS
+            if t.needs.token_mean and t.spec.normalize == GLOBAL_TOKENS
         ]
 
     # ------------------------------------------------------------------ every micro-batch
@@ -111,11 +106,9 @@ class LoopMixin:
             world = int(self.accelerator.num_processes)
             self._kd_denominator = step_token_denominator(local, world, accumulation)
 
-    def _kd_context_extras(self) -> dict[str, Any]:
-        """`LossContext.extras` for this micro-batch (the step's token denominator, if any)."""
-        if self._kd_denominator is None:
-            return {}
-        return {STEP_TOKEN_DENOMINATOR: self._kd_denominator}
+    def _kd_step_denominator(self) -> torch.Tensor | None:
+        """`LossContext.step_token_denominator` for this micro-batch (None: micro-batch means)."""
+        return self._kd_denominator
 
     def _kd_record(self, output: CompositionOutput, mode: str) -> torch.Tensor:
         """Flag non-finite terms, record the micro-batch's metrics and return the loss to
@@ -200,8 +193,8 @@ class LoopMixin:
         global_terms = self._kd_global_token_terms()
         accumulation = int(self.args.gradient_accumulation_steps or 1)
         per_generation = int(getattr(self.args, "steps_per_generation", None) or accumulation)
-        for name in global_terms:
-            path = f"rlhf.loss_terms.{name}.normalize"
+        for origin in global_terms:
+            path = f"{origin}.normalize"
             if per_generation % accumulation:
                 issues.append(
                     ConfigIssue(
@@ -219,7 +212,7 @@ class LoopMixin:
                 if term.spec.on_nonfinite == SKIP_STEP:
                     issues.append(
                         ConfigIssue(
-                            f"rlhf.loss_terms.{term.name}.on_nonfinite",
+                            f"{term.origin}.on_nonfinite",
                             "skip_step is not supported with DeepSpeed, which applies the update inside "
                             "backward before the step can be skipped; use error (the default)",
                         )

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from kdcompose.composer import LossComposer
-from kdcompose.schema.composition import loss_terms_block
+from kdcompose.composition import loss_terms_block
 
 COMPOSITION_FILE = "kdcompose_composition.yaml"
 STATE_FILE = "kdcompose_state.json"

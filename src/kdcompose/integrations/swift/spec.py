@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.schema.composition import Composition, GkdKnobs, parse_gkd_knobs, resolve_composition
+from kdcompose.legacy import GkdKnobs, parse_gkd_knobs, resolve_composition
 
 LOSS_TERMS_ATTR = "kdcompose_loss_terms"
 LLM_KD_WEIGHT_ATTR = "llm_kd_weight"

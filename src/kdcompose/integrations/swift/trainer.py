@@ -22,8 +22,8 @@ version), so import it only when a run starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any, NoReturn
 
 import torch
@@ -45,7 +45,9 @@ from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
 from kdcompose.integrations.swift.loop import LoopMixin  # noqa: E402
 from kdcompose.integrations.swift.spec import LLM_KD_WEIGHT_ATTR, composition_for  # noqa: E402
-from kdcompose.terms.base import LossContext  # noqa: E402
+from kdcompose.legacy import legacy_llm_kd_weight  # noqa: E402
+from kdcompose.taps import ModuleTaps, capture  # noqa: E402
+from kdcompose.terms.base import LossContext, Tap  # noqa: E402
 
 logger = get_logger()
 
@@ -95,8 +97,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             self.accelerator.unwrap_model(self.model), projector_plans
         )
         self._kd_split: tuple[LossComposer, LossComposer] | None = None
-        lm_jsd = next((t for t in composer.active_terms if t.name == "lm_jsd"), None)
-        setattr(self.args, LLM_KD_WEIGHT_ATTR, lm_jsd.weight if lm_jsd is not None else 0.0)
+        setattr(self.args, LLM_KD_WEIGHT_ATTR, legacy_llm_kd_weight(composer.active_terms))
 
     def _close_recorders(self) -> None:
         for recorder in self._recorders():
@@ -137,14 +138,14 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
     def _check_needs_supported(self) -> None:
         """Hidden states are read at the LM heads' inputs (`lm_head.tap_lm_head`): check, before
         training, that every model whose hidden states an active term needs has a head that can be
-        read that way, and that the fused terms' two heads have the same rows."""
+        read that way, and that terms reading both heads get heads with the same rows."""
         needs = self._kd_needs
         if not (needs.student_hidden or needs.teacher_hidden):
             return
         terms = [t for t in self.kd_composer.active_terms if t.needs.student_hidden or t.needs.teacher_hidden]
 
         def fail(message: str) -> NoReturn:
-            issues = [ConfigIssue(f"rlhf.loss_terms.{t.name}", message) for t in terms]
+            issues = [ConfigIssue(t.origin, message) for t in terms]
             raise ConfigError(issues, source="kdcompose ms-swift trainer")
 
         if self.is_fsdp_enabled or _zero3_enabled() or getattr(self, "is_teacher_ds3", False):
@@ -161,11 +162,12 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             except LmHeadUnsupported as error:
                 fail(f"needs the {side}'s final hidden states: {error} (for lm_jsd: `fused: false`)")
             rows[side] = head.out_features
-        if len(set(rows.values())) > 1 and any(getattr(t.spec, "fused", False) for t in terms):
+        both = any(t.needs.student_hidden and t.needs.teacher_hidden for t in terms)
+        if len(set(rows.values())) > 1 and both:
             fail(
-                f"fused mode compares the LM heads row by row, but the student's has {rows['student']} rows "
-                f"and the teacher's {rows['teacher']}; vocabularies that differ by padding are aligned only "
-                "on logits: set `fused: false`"
+                f"reads both LM heads and compares them row by row, but the student's has {rows['student']} "
+                f"rows and the teacher's {rows['teacher']}; vocabularies that differ by padding are aligned "
+                "only on logits (for lm_jsd: `fused: false`)"
             )
 
     def _check_teacher(self) -> None:
@@ -208,52 +210,26 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             check_vocab_compatible(student, teacher, vocab_size=self._vocab_size)
 
     def _plan_projectors(self) -> list[_projectors.ProjectorPlan]:
-        """Projectors the feature targets ask for; a width mismatch without one fails here, before
-        training, when the model configs tell the widths."""
-        if not self._kd_needs.student_features:
+        """Projectors the declared feature pairs ask for; a width mismatch without one fails here,
+        before training, whenever the models' structure tells the widths."""
+        if not self._kd_needs.pairs:
             return []
         student = self.accelerator.unwrap_model(self.model)
         teacher = student if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
-        plans = _projectors.plan_projectors(self.kd_composer.active_terms, student, teacher)
+        plans = _projectors.plan_projectors(self._kd_needs.pairs, student, teacher)
         for plan in plans if self.accelerator.is_main_process else ():
-            widths = f"{plan.in_width}->{plan.out_width}"
-            logger.info(f"kdcompose: {plan.term}.{plan.target}: {plan.kind} projector {widths}")
+            logger.info(f"kdcompose: {plan.origin}: {plan.kind} projector {plan.in_width}->{plan.out_width}")
         return plans
 
-    def _build_recorders(self) -> tuple[Any, Any]:
-        needs = self._kd_needs
-        if not (needs.student_features or needs.teacher_features):
-            return None, None
-        from kdcompose.features import FeatureRecorder
-
-        targets = self._feature_targets()
-        student = FeatureRecorder(self.model, {n: targets[n] for n in sorted(needs.student_features)})
-        if not needs.teacher_features:
+    def _build_recorders(self) -> tuple[ModuleTaps | None, ModuleTaps | None]:
+        """One recorder per side, hooking exactly the active terms' taps. With the LoRA base model
+        as teacher both hook the same modules; each records only during its own forward."""
+        student_taps, teacher_taps = self._kd_needs.side_taps("student"), self._kd_needs.side_taps("teacher")
+        student = ModuleTaps(self.model, student_taps) if student_taps else None
+        if not teacher_taps:
             return student, None
-        teacher_targets = {n: targets[n] for n in sorted(needs.teacher_features)}
-        if self.teacher_model is None:  # LoRA base model as teacher: same modules, separate recordings
-            if set(teacher_targets) <= set(needs.student_features):
-                return student, student
-            return student, FeatureRecorder(self.model, teacher_targets, detach=True)
-        return student, FeatureRecorder(self.teacher_model, teacher_targets, detach=True)
-
-    def _feature_targets(self) -> dict[str, str | None]:
-        """Target name -> module path override (None: the default path), from the active terms."""
-        needs = self._kd_needs
-        overrides: dict[str, str] = {}
-        for term in self.kd_composer.active_terms:
-            for name, target in (getattr(term, "targets", None) or {}).items():
-                module = getattr(target, "module", None)
-                if module is None:
-                    continue
-                if overrides.get(name, module) != module:
-                    raise ConfigError.single(
-                        f"rlhf.loss_terms.{term.name}.{name}.module",
-                        f"target {name!r} is hooked at {overrides[name]!r} by another term; one target name "
-                        "must mean one module",
-                    )
-                overrides[name] = module
-        return {name: overrides.get(name) for name in needs.student_features | needs.teacher_features}
+        teacher_model = self.model if self.teacher_model is None else self.teacher_model
+        return student, ModuleTaps(teacher_model, teacher_taps, detach=True)
 
     # ------------------------------------------------------------------ the loss
 
@@ -268,6 +244,8 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
         mode = "train" if self.model.training else "eval"
         self._kd_prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
+        # Module taps see the whole sequence even where logits_to_keep trims the logits below.
+        sequence = (torch.roll(model_inputs["labels"], shifts=-1, dims=1), model_inputs.get("attention_mask"))
 
         # As ms-swift: trim each forward to its completion region; each side keeps its own labels.
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
@@ -277,15 +255,15 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
         with (
-            _capture(self._student_recorder) as student_features,
+            capture(self._student_recorder) as student_taps,
             self._tap_lm_head(model, "student", needs) as student_head,
         ):
             outputs_student = model(**forward_inputs)
 
-        teacher_logits, teacher_features, teacher_head = None, {}, LmHeadTap()
+        teacher_logits, teacher_taps, teacher_head = None, {}, LmHeadTap()
         if needs.teacher:
             with self._tap_lm_head(model, "teacher", needs) as teacher_head:
-                teacher_logits, teacher_features = self._teacher_forward(
+                teacher_logits, teacher_taps = self._teacher_forward(
                     model, teacher_inputs, language_model=needs.teacher_language_model
                 )
 
@@ -294,11 +272,11 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             teacher_inputs,
             student_head.logits(outputs_student.logits),
             teacher_head.logits(teacher_logits),
-            student_features,
-            teacher_features,
+            {**student_taps, **teacher_taps},
             student_generated,
             step,
             heads=(student_head, teacher_head),
+            sequence=sequence,
         )
         loss = self._kd_record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
         return (loss, outputs_student) if return_outputs else loss
@@ -325,7 +303,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
     def _teacher_forward(
         self, model, teacher_inputs: Mapping[str, Any], *, language_model: bool
     ) -> tuple[torch.Tensor | None, dict]:
-        """The teacher's logits (None when no active term needs its language model) and features."""
+        """The teacher's logits (None when no active term needs its language model) and taps."""
         forward_inputs = {k: v for k, v in teacher_inputs.items() if k != "labels"}
         gc_kwargs = self.args.gradient_checkpointing_kwargs
         with ExitStack() as stack:
@@ -338,10 +316,10 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
                 stack.enter_context(self.load_teacher_model_context())
             stack.enter_context(disable_gradient_checkpointing(target, gc_kwargs))
             logits = None
-            with _capture(self._teacher_recorder) as features:
+            with capture(self._teacher_recorder) as recorded:
                 if language_model or not self._run_vision_only(target, forward_inputs):
                     logits = target(**forward_inputs).logits
-        return logits, features
+        return logits, recorded
 
     def _run_vision_only(self, target, forward_inputs: Mapping[str, Any]) -> bool:
         """Run only the teacher's vision tower (features without the language model); False when
@@ -371,11 +349,11 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         teacher_inputs: Mapping[str, Any],
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | None,
-        student_features: Mapping[str, list[torch.Tensor]],
-        teacher_features: Mapping[str, list[torch.Tensor]],
+        taps: Mapping[Tap, list[torch.Tensor]],
         student_generated: bool,
         step: int,
         heads: tuple[LmHeadTap, LmHeadTap] = (LmHeadTap(), LmHeadTap()),
+        sequence: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> CompositionOutput:
         # ms-swift's alignment (GKDTrainer._compute_jsd_loss): logits at i predict labels[i + 1].
         labels = torch.roll(model_inputs["labels"], shifts=-1, dims=1)
@@ -388,13 +366,14 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             teacher_hidden=heads[1].hidden,
             student_lm_head=heads[0].head,
             teacher_lm_head=heads[1].head,
-            student_features=student_features,
-            teacher_features=teacher_features,
+            taps=taps,
+            sequence_labels=sequence[0],
+            attention_mask=sequence[1],
             student_generated=student_generated,
             has_images=has_images,
             step=step,
             projectors=self._feature_projectors,
-            extras=self._kd_context_extras(),
+            step_token_denominator=self._kd_step_denominator(),
         )
         if teacher_logits is None or teacher_logits.shape[-1] == student_logits.shape[-1]:
             return self.kd_composer(ctx)
@@ -410,13 +389,14 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             labels=labels[mask],
             student_logits=student_active,
             teacher_logits=teacher_active,
-            student_features=student_features,
-            teacher_features=teacher_features,
+            taps=taps,
+            sequence_labels=sequence[0],
+            attention_mask=sequence[1],
             student_generated=student_generated,
             has_images=has_images,
             step=ctx.step,
             projectors=self._feature_projectors,
-            extras=self._kd_context_extras(),
+            step_token_denominator=self._kd_step_denominator(),
         )
         kd_composer, own_composer = self._split_composers()
         outputs = [c(x) for c, x in ((kd_composer, kd_ctx), (own_composer, ctx)) if c.active_terms]
@@ -460,18 +440,6 @@ def _reject_opsd_batch(model_inputs: Mapping[str, Any], teacher_inputs: Mapping[
             "column); kdcompose compares student and teacher position by position and does not support OPSD",
             source="ms-swift batch",
         )
-
-
-@contextmanager
-def _capture(recorder: Any) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Features recorded by `recorder` during the block; they stay readable after it."""
-    captured: dict[str, list[torch.Tensor]] = {}
-    if recorder is None:
-        yield captured
-        return
-    with recorder.recording():
-        yield captured
-        captured.update(recorder.features())
 
 
 def _zero3_enabled() -> bool:

@@ -1,4 +1,9 @@
-"""Resolve the loss composition from `rlhf.loss_terms` and the legacy knobs.
+"""Legacy translation: resolve the loss composition from `rlhf.loss_terms` and ms-swift's knobs.
+
+The one module that knows built-in term names: it turns `rlhf.llm_kd_weight`,
+`rlhf.sft_alpha`, `rlhf.beta` / `rlhf.temperature` and `custom.visual_kd` into explicit
+terms. Everything after it (composer, trainer, projectors, loop) reads only what the terms
+declare.
 
 The base composition is always ms-swift's stock GKD loss: `lm_jsd` (weight
 `rlhf.llm_kd_weight`, default 1.0, with `rlhf.beta` / `rlhf.temperature`) plus `ce`
@@ -11,11 +16,12 @@ an error naming both places instead of one silently winning.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter
 
+from kdcompose.composition import LOSS_TERMS_PATH, Composition, ResolvedTerm, check_composition
 from kdcompose.defaults import (
     LLM_KD_WEIGHT_DEFAULT,
     SWIFT_GKD_BETA,
@@ -28,67 +34,12 @@ from kdcompose.schema.types import PositiveFloat, Probability, Weight
 from kdcompose.schema.validation import join_path, validate_model, validate_value
 from kdcompose.terms.base import TermSpec
 
-LOSS_TERMS_PATH = "rlhf.loss_terms"
 LLM_KD_WEIGHT_PATH = "rlhf.llm_kd_weight"
 LEGACY_VISUAL_PATH = "custom.visual_kd"
 
 _WEIGHT = TypeAdapter(Weight)
 _PROBABILITY = TypeAdapter(Probability)
 _POSITIVE = TypeAdapter(PositiveFloat)
-
-
-@dataclass(frozen=True)
-class ResolvedTerm:
-    """One term of the composition: its instance name, registered type, validated spec,
-    and where it came from (a dotted config path, or `default` for ms-swift's stock terms)."""
-
-    name: str
-    type: str
-    spec: TermSpec
-    origin: str = field(compare=False)
-
-    @property
-    def weight(self) -> float:
-        return _effective_weight(self.spec)
-
-    @property
-    def active(self) -> bool:
-        return self.weight > 0
-
-
-def _effective_weight(spec: TermSpec) -> float:
-    # A spec may carry an `enabled` switch (visual_kd's legacy shape); off means weight 0.
-    return spec.weight if getattr(spec, "enabled", True) else 0.0
-
-
-@dataclass(frozen=True)
-class Composition:
-    """The resolved, validated list of loss terms (active and inactive)."""
-
-    terms: tuple[ResolvedTerm, ...]
-
-    @property
-    def active_terms(self) -> tuple[ResolvedTerm, ...]:
-        return tuple(t for t in self.terms if t.active)
-
-    def term(self, name: str) -> ResolvedTerm | None:
-        return next((t for t in self.terms if t.name == name), None)
-
-    def to_loss_terms(self) -> dict[str, dict[str, Any]]:
-        """The composition as an explicit `rlhf.loss_terms` block (legacy knobs folded in);
-        loading it back gives the same composition."""
-        return loss_terms_block((t.name, t.type, t.spec) for t in self.terms)
-
-
-def loss_terms_block(terms: Iterable[tuple[str, str, TermSpec]]) -> dict[str, dict[str, Any]]:
-    """`(name, type, spec)` triples as an explicit `rlhf.loss_terms` block, `type` spelled out,
-    so that the block resolves back to the same terms whatever their names."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, type_name, spec in terms:
-        block = spec.model_dump(mode="json", exclude_none=True)
-        block["type"] = type_name
-        out[name] = block
-    return out
 
 
 @dataclass(frozen=True)
@@ -202,7 +153,9 @@ def resolve_composition(
     if len(issues) > start:
         return None
     composition = Composition(tuple(terms.values()))
-    _check_composition(composition, issues)
+    lm_jsd = composition.term("lm_jsd")
+    where = lm_jsd.origin if lm_jsd is not None and lm_jsd.origin != "default" else LOSS_TERMS_PATH
+    check_composition(composition, issues, where)
     return composition if len(issues) == start else None
 
 
@@ -263,30 +216,12 @@ def _resolve_ce(
     return ResolvedTerm("ce", type_name, spec, path)
 
 
-def _check_composition(composition: Composition, issues: list[ConfigIssue]) -> None:
-    from kdcompose.terms.visual_kd import VisualKdSpec
-
-    for term in composition.active_terms:
-        if isinstance(term.spec, VisualKdSpec) and not term.spec.active_targets():
-            issues.append(
-                ConfigIssue(
-                    term.origin,
-                    "visual KD is enabled but no target is: enable at least one of vit, aligner, deepstack "
-                    "(e.g. `aligner: {enabled: true, weight: 1.0}`) or set its weight to 0",
-                )
-            )
-    if not composition.active_terms:
-        lm_jsd = composition.term("lm_jsd")
-        where = lm_jsd.origin if lm_jsd is not None and lm_jsd.origin != "default" else LOSS_TERMS_PATH
-        issues.append(
-            ConfigIssue(
-                where,
-                "no active loss term: every term has weight 0. Give at least one term a positive weight "
-                "(e.g. rlhf.llm_kd_weight > 0, or enable custom.visual_kd)",
-            )
-        )
-
-
 def raise_if(issues: list[ConfigIssue], source: str | None = None) -> None:
     if issues:
         raise ConfigError(issues, source=source)
+
+
+def legacy_llm_kd_weight(terms: Iterable[Any]) -> float:
+    """The runtime value of ms-swift's `llm_kd_weight` knob: the weight of the active term
+    named `lm_jsd` (0 when there is none), attached to the train arguments for old callers."""
+    return next((float(t.weight) for t in terms if t.name == "lm_jsd"), 0.0)

@@ -1,7 +1,9 @@
 """JSON Schema of the YAML config, for editors (`kdcompose schema`).
 
-Built from the registered term specs, so a plugin's term shows up with its own knobs.
-ms-swift arguments are open-ended here (the launcher checks them against ms-swift).
+Built from the registered term specs, so a plugin's term shows up with its own knobs. When
+ms-swift is installed, every section also lists ms-swift's `RLHFArguments` names with their
+types and help text (so editors complete them and flag typos: unknown keys are not allowed);
+without it the sections are open-ended (the preflight checks names when ms-swift is there).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ def config_json_schema() -> dict[str, Any]:
         defs[f"term_{key}"] = spec_schema
         variants.append({"$ref": f"#/$defs/term_{key}"})
 
+    swift_fields = swift_argument_schemas()
+
     def section(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "type": "object",
             "description": "ms-swift arguments (RLHFArguments fields); each may appear in one section only",
-            "properties": extra or {},
-            "additionalProperties": True,
+            "properties": {**swift_fields, **(extra or {})},
+            "additionalProperties": not swift_fields,
         }
 
     from kdcompose.terms.visual_kd import VisualKdSpec
@@ -75,3 +79,44 @@ def config_json_schema() -> dict[str, Any]:
         "additionalProperties": False,
         "$defs": defs,
     }
+
+
+def _type_schema(annotation: Any) -> dict[str, Any]:
+    """A loose JSON type for a dataclass field annotation (str, int, float, bool, list, or any)."""
+    text = str(annotation).replace("typing.", "")
+    for token, schema in (
+        ("List", {"type": "array"}),
+        ("list", {"type": "array"}),
+        ("Dict", {"type": ["object", "string"]}),
+        ("dict", {"type": ["object", "string"]}),
+        ("bool", {"type": ["boolean", "string"]}),
+        ("float", {"type": ["number", "string"]}),
+        ("int", {"type": ["integer", "string"]}),
+        ("str", {"type": "string"}),
+    ):
+        if token in text:
+            nullable = "Optional" in text or "None" in text
+            if nullable and isinstance(schema["type"], str):
+                return {"type": [schema["type"], "null"]}
+            if nullable:
+                return {"type": [*schema["type"], "null"]}
+            return dict(schema)
+    return {}
+
+
+def swift_argument_schemas() -> dict[str, Any]:
+    """ms-swift's argument names -> {type, description} (empty when ms-swift is not installed)."""
+    from kdcompose.integrations.swift.preflight import swift_importable
+
+    if not swift_importable():
+        return {}
+    from kdcompose.integrations.swift.args import swift_argument_fields
+
+    out: dict[str, Any] = {}
+    for name, f in sorted(swift_argument_fields().items()):
+        schema = _type_schema(f.type)
+        help_text = (f.metadata or {}).get("help")
+        if help_text:
+            schema["description"] = str(help_text)
+        out[name] = schema
+    return out
