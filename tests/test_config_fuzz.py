@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from kdcompose import ConfigError, parse_config, parse_config_text
 from kdcompose.schema.validation import path_segment
+from kdcompose.yaml_io import MAX_NODES
 
 REPO = Path(__file__).resolve().parents[1]
 BASES = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("*.yaml"))]
@@ -121,10 +122,6 @@ anchor_docs = st.sampled_from(
         "rlhf:\n  loss_terms:\n    lm_jsd: &j {weight: 0.5}\n    lm_jsd_b: *j\n",
         "custom:\n  visual_kd: &v {aligner: {weight: 1}}\nrlhf: {loss_terms: {visual_kd: *v}}\n",
         "rlhf: &r {llm_kd_weight: *r}\n",
-        "a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
-        "d: &d [*c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d]\n"
-        "f: [*e, *e, *e, *e, *e, *e, *e, *e]\n",
-        "rlhf: !!python/object/apply:os.getcwd []\n",
         "rlhf: {llm_kd_weight: !!float .inf}\n",
         "[" * 3000 + "]" * 3000,
         "rlhf:\n  loss_terms:\n" + "".join(f"    t{i}: {{type: ce, weight: 0.1}}\n" for i in range(200)),
@@ -138,6 +135,34 @@ def test_yaml_anchor_alias_and_tag_documents(text):
         parse_config_text(text)
     except ConfigError as exc:
         assert all(isinstance(issue.path, str) for issue in exc.issues)
+
+
+ALIAS_BOMB = (
+    "a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
+    "d: &d [*c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d]\n"
+    "f: [*e, *e, *e, *e, *e, *e, *e, *e]\n"
+)
+
+
+def test_alias_bomb_is_refused_by_the_expansion_limit():
+    """~300 bytes that expand to ~75,000 values: refused by the node limit itself (without the
+    limit the document would load and fail later on unknown sections, which this test rejects)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(ALIAS_BOMB)
+    assert [i.message for i in info.value.issues] == [
+        f"config expands to more than {MAX_NODES} values (YAML aliases?); refusing it"
+    ]
+
+
+def test_python_tags_are_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    text = f'rlhf: !!python/object/apply:os.system ["touch {marker}"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(text)
+    assert not marker.exists(), "a python tag was executed"
+    (issue,) = info.value.issues
+    assert "could not determine a constructor for the tag" in issue.message
+    assert "python/object/apply:os.system" in issue.message
 
 
 @pytest.mark.swift

@@ -215,7 +215,7 @@ def test_widths_of_a_module_override():
     model = _load("qwen2_vl", "student")
     assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.2") == 64  # a Linear
     assert infer_feature_width(model, "aligner", "model.visual.blocks.0") == 32  # ends in a 32-wide Linear
-    assert infer_feature_width(model, "aligner", "model.visual.rotary_pos_emb") is None  # no weights
+    assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.1") is None  # an activation
     assert infer_feature_width(model, "aligner", "model.no.such.module") is None
 
 
@@ -262,7 +262,7 @@ def test_plan_builds_what_the_targets_ask_for(qwen2_vl_pair):
 @pytest.mark.swift
 def test_plan_needs_widths_for_a_projector(qwen2_vl_pair):
     student, teacher = qwen2_vl_pair
-    spec = {"aligner": {"module": "model.visual.rotary_pos_emb", "projector": "linear"}}
+    spec = {"aligner": {"module": "model.visual.merger.mlp.1", "projector": "linear"}}
     _, term = _visual_term(spec)
     with pytest.raises(ConfigError) as info:
         plan_projectors(term.needs.pairs, student, teacher)
