@@ -119,7 +119,9 @@ def _check_topk(lp: Tensor, ids: Tensor, leading: torch.Size, what: str) -> None
     if not isinstance(ids, Tensor):
         raise ValueError(f"teacher_topk_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"teacher_topk_ids must be an integer tensor (int64 token ids), got dtype {ids.dtype}")
+        raise ValueError(
+            f"teacher_topk_ids must be an integer tensor (int64 token ids), got dtype {ids.dtype}"
+        )
     if lp.shape != ids.shape:
         raise ValueError(
             f"teacher_topk_logprobs {tuple(lp.shape)} and teacher_topk_ids {tuple(ids.shape)} must have "
@@ -167,7 +169,8 @@ def _select_rows(
     if n_valid and bool(bad.any()):
         bad_id = int(ids_flat[bad][0])
         raise ValueError(
-            f"teacher_topk_ids must be token ids in [0, {vocab}) wherever the log-prob is finite, got {bad_id}; "
+            f"teacher_topk_ids must be token ids in [0, {vocab}) wherever the log-prob is finite, "
+            f"got {bad_id}; "
             "align the teacher's vocabulary with the student's (or give padded entries a -inf log-prob)"
         )
     first = present.to(torch.int8).argmax(-1, keepdim=True)
@@ -312,10 +315,7 @@ def _divergence_scale(temperature: float, scale: float) -> float:
 def _gather_at(rows: _Rows, start: int, end: int, ids: Tensor) -> Tensor:
     """``x[valid_row, ids]`` for rows ``start:end`` of the selection, without reading whole rows."""
     if rows.flat is not None:
-        if rows.index is None:
-            r = torch.arange(start, end, device=ids.device)
-        else:
-            r = rows.index[start:end]
+        r = torch.arange(start, end, device=ids.device) if rows.index is None else rows.index[start:end]
         return rows.flat[r.unsqueeze(-1), ids]
     assert rows.unravelled is not None
     return rows.x[(*(u[start:end].unsqueeze(-1) for u in rows.unravelled), ids)]
@@ -454,8 +454,9 @@ def _topk_total(
     scale = 1.0 / n_valid if normalize else 1.0
     with _no_autocast(student_logits.device):
         total = _TopKJSD.apply(
-            student_logits, lp, ids, present, index, n_valid, mode, beta, temperature, chunk_size, scale, want_grad
-        )
+            student_logits, lp, ids, present, index, n_valid,
+            mode, beta, temperature, chunk_size, scale, want_grad,
+        )  # fmt: skip
     return total, n_valid
 
 
@@ -699,14 +700,13 @@ class _FusedTopKJSD(torch.autograd.Function):
         dtype = _compute_dtype(s_weight, *(x for x in (t_weight, lp_all) if x is not None))
         local_teacher = t_hidden is not None
         dense = mode != "renorm"
-        if dense or local_teacher:
-            chunk = chunk_size or _auto_chunk(
-                vocab, dtype, s_hidden.device, 4, AUTO_FUSED_CHUNK_BYTES_CPU, AUTO_FUSED_CHUNK_BYTES_ACCELERATOR
-            )
-        else:
-            chunk = chunk_size or _auto_chunk(
-                k * width, dtype, s_hidden.device, 3, AUTO_FUSED_CHUNK_BYTES_CPU, AUTO_FUSED_CHUNK_BYTES_ACCELERATOR
-            )
+        # Rows per token: four [V] work rows on the dense paths; three [K, H] gathered-weight
+        # slabs when renorm with a given top-K never builds a [chunk, V] tensor.
+        row, rows_per_token = (vocab, 4) if dense or local_teacher else (k * width, 3)
+        chunk = chunk_size or _auto_chunk(
+            row, dtype, s_hidden.device, rows_per_token,
+            AUTO_FUSED_CHUNK_BYTES_CPU, AUTO_FUSED_CHUNK_BYTES_ACCELERATOR,
+        )  # fmt: skip
         chunk = min(chunk, n_valid)
         want_h, want_w, want_b = wants
         s_rows = _Rows(s_hidden, index)
@@ -862,8 +862,8 @@ def fused_linear_topk_generalized_jsd(
         _check_topk(teacher_topk_logprobs, teacher_topk_ids, leading, "student_hidden's")
         if k is not None and k != teacher_topk_logprobs.shape[-1]:
             raise ValueError(
-                f"k={k} does not match teacher_topk_logprobs' last dimension {teacher_topk_logprobs.shape[-1]}; "
-                "leave k unset with a given top-K"
+                f"k={k} does not match teacher_topk_logprobs' last dimension "
+                f"{teacher_topk_logprobs.shape[-1]}; leave k unset with a given top-K"
             )
         k = teacher_topk_logprobs.shape[-1]
     _check_labels(labels, leading, "hidden states'")
