@@ -421,6 +421,9 @@ def test_teacher_topk_and_topk_mass():
     expected_lp, expected_ids = full.topk(5, -1)
     torch.testing.assert_close(lp, expected_lp)
     assert torch.equal(ids, expected_ids)
+    for chunk in (1, 4):
+        lp_c, ids_c = teacher_topk(logits, 5, temperature=2.0, chunk_size=chunk)
+        assert torch.equal(lp_c, lp) and torch.equal(ids_c, ids)
     labels = torch.tensor([[1, IGNORE, 1], [IGNORE, IGNORE, 1]])
     mass = topk_mass(lp, labels)
     expected = expected_lp.exp().sum(-1)[labels != IGNORE].mean()

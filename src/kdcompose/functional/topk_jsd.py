@@ -617,12 +617,15 @@ def topk_generalized_jsd_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def teacher_topk(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def teacher_topk(
+    teacher_logits: Tensor, k: int, *, temperature: float = 1.0, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``topk(log_softmax(teacher_logits / T), k)`` -> ``(logprobs [..., K] fp32, ids [..., K] int64)``.
 
     What a local teacher feeds to ``tail``/``zero`` at the training temperature, and what a
     cache stores (``temperature=1``). fp64 logits give fp64 log-probs. Rows are processed in
-    chunks, so the fp32 copy of the logits never exists whole. No gradient.
+    chunks (``chunk_size`` rows, ``None``: two fp32 vocabulary rows per row within the same
+    budget as the JSD), so the fp32 copy of the logits never exists whole. No gradient.
     """
     _check_floating("teacher_logits", teacher_logits)
     if teacher_logits.dim() < 1:
@@ -635,13 +638,16 @@ def teacher_topk(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) ->
     n = flat.shape[0]
     values = torch.empty((n, k), dtype=dtype, device=flat.device)
     ids = torch.empty((n, k), dtype=torch.int64, device=flat.device)
-    chunk = _auto_chunk(vocab, dtype, flat.device, 2, AUTO_CHUNK_BYTES_CPU, AUTO_CHUNK_BYTES_ACCELERATOR)
+    chunk = _check_chunk_size(chunk_size) or _auto_chunk(
+        vocab, dtype, flat.device, 2, AUTO_CHUNK_BYTES_CPU, AUTO_CHUNK_BYTES_ACCELERATOR
+    )
     with torch.no_grad(), _no_autocast(flat.device):
         for start in range(0, n, chunk):
-            rows = flat[start : start + chunk].to(dtype)
+            end = min(start + chunk, n)
+            rows = flat[start:end].to(dtype)
             if temperature != 1.0:
                 rows = rows / temperature
-            torch.topk(torch.log_softmax(rows, dim=-1), k, dim=-1, out=(values[start:], ids[start:]))
+            torch.topk(torch.log_softmax(rows, dim=-1), k, dim=-1, out=(values[start:end], ids[start:end]))
     shape = (*teacher_logits.shape[:-1], k)
     return values.view(shape), ids.view(shape)
 
