@@ -564,3 +564,24 @@ def test_fused_no_valid_position_and_argument_errors():
             case["student_hidden"], case["student_weight"],
             teacher_hidden=case["teacher_hidden"], teacher_weight=case["teacher_weight"],
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_bf16_is_finite_fp32_and_teacher_gets_no_gradient(mode):
+    case = make_linear_case(22, leading=(3, 4), h_s=8, h_t=8, vocab=40, dtype=torch.bfloat16)
+    teacher = {
+        n: case[n].clone().requires_grad_(True) for n in ("teacher_hidden", "teacher_weight", "teacher_bias")
+    }
+    leaves = _student_leaves(case)
+    beta = 0.0 if mode == "zero" else 0.5
+    value = fused_linear_topk_generalized_jsd(
+        leaves["student_hidden"], leaves["student_weight"], student_bias=leaves["student_bias"],
+        k=6, beta=beta, temperature=1.5, missing_mass=mode, **teacher,
+    )  # fmt: skip
+    assert value.dtype == torch.float32 and torch.isfinite(value) and value.item() >= 0
+    grads = torch.autograd.grad(value, [*leaves.values(), *teacher.values()], allow_unused=True)
+    assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads[:3])
+    assert all(g is None for g in grads[3:])
+    lp, ids = teacher_for(mode, torch.nn.functional.linear(*(case[n] for n in teacher)).float(), 6, 1.5)
+    ref, _ = run_unfused_topk(case, None, lp, ids, beta=beta, temperature=1.5, missing_mass=mode)
+    assert math.isclose(value.item(), ref.item(), rel_tol=2e-2, abs_tol=1e-3)
