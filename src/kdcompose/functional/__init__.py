@@ -7,13 +7,29 @@ from kdcompose.functional.ce import masked_cross_entropy
 from kdcompose.functional.features import DISTANCES, feature_distance
 from kdcompose.functional.fused_jsd import fused_linear_generalized_jsd
 from kdcompose.functional.jsd import generalized_jsd, generalized_jsd_reference, generalized_jsd_sum
+from kdcompose.functional.topk_jsd import (
+    MISSING_MASS_MODES,
+    fused_linear_topk_generalized_jsd,
+    teacher_topk,
+    topk_generalized_jsd,
+    topk_generalized_jsd_reference,
+    topk_generalized_jsd_sum,
+    topk_mass,
+)
 
 __all__ = [
     "DISTANCES",
+    "MISSING_MASS_MODES",
     "feature_distance",
     "fused_linear_generalized_jsd",
+    "fused_linear_topk_generalized_jsd",
     "generalized_jsd",
     "generalized_jsd_reference",
     "generalized_jsd_sum",
     "masked_cross_entropy",
+    "teacher_topk",
+    "topk_generalized_jsd",
+    "topk_generalized_jsd_reference",
+    "topk_generalized_jsd_sum",
+    "topk_mass",
 ]

@@ -56,6 +56,36 @@ def _linear_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
+def _add_linear_grads(
+    dz: Tensor,
+    h_s: Tensor,
+    s_weight: Tensor,
+    index: Tensor | None,
+    start: int,
+    end: int,
+    grad_h_flat: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """Chain a chunk's ``dL/dlogits`` (``dz [c, V]``) through ``logits = h @ W.T + b``.
+
+    ``dL/dh`` rows ``start:end`` of the selection (scattered by ``index``), ``dL/dW += dz.T @ h``
+    and ``dL/db += sum(dz)``; shared by every fused divergence (the per-chunk divergence only
+    has to produce ``dz``).
+    """
+    dz_w = dz.to(s_weight.dtype)  # no copy for fp32 weights
+    if grad_h_flat is not None:
+        g = torch.mm(dz_w, s_weight).to(grad_h_flat.dtype)
+        if index is None:
+            grad_h_flat[start:end] = g
+        else:
+            grad_h_flat.index_copy_(0, index[start:end], g)
+    if grad_w is not None:
+        grad_w.addmm_(dz_w.t(), h_s.to(s_weight.dtype))
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0))
+
+
 class _FusedLinearJSD(torch.autograd.Function):
     """``scale * sum_valid JSD(hs @ Ws.T + bs, ht @ Wt.T + bt)``; student grads made in forward."""
 
@@ -118,20 +148,8 @@ class _FusedLinearJSD(torch.autograd.Function):
                 dz,
             )
             total += per_token.sum()
-            if dz is None:
-                continue
-            dz_w = dz.to(s_weight.dtype)  # no copy for fp32 weights
-            if grad_h_flat is not None:
-                g = torch.mm(dz_w, s_weight).to(grad_h_flat.dtype)
-                if index is None:
-                    grad_h_flat[start:end] = g
-                else:
-                    grad_h_flat.index_copy_(0, index[start:end], g)
-            if grad_w is not None:
-                grad_w.addmm_(dz_w.t(), h_s.to(s_weight.dtype))
-            if grad_b is not None:
-                grad_b.add_(dz.sum(0))
-            del dz_w
+            if dz is not None:
+                _add_linear_grads(dz, h_s, s_weight, index, start, end, grad_h_flat, grad_w, grad_b)
         del work
         if grad_b is not None and grad_b.dtype != s_bias.dtype:
             grad_b = grad_b.to(s_bias.dtype)
