@@ -42,8 +42,8 @@ from torch import nn
 
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.primitives import unwrap_model as _unwrap
-from kdcompose.terms.features import FeatureWidthError as FeatureWidthError
 from kdcompose.terms.base import FeaturePair, Tap
+from kdcompose.terms.features import FeatureWidthError as FeatureWidthError
 
 logger = logging.getLogger(__name__)
 
