@@ -56,6 +56,8 @@ class TermResult:
     """The term has a schedule: its effective weight is logged as `<metric>_weight`."""
     log_raw: bool = False
     """The term asked for its unweighted value to be logged as `<metric>_raw`."""
+    stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Unweighted diagnostics by metric key (e.g. `llm_kd_loss_topk_mass`); not in the total."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class CompositionOutput:
                 out[part_key] = part.detach()
             if result.log_raw:
                 out[f"{key}{RAW_SUFFIX}"] = result.raw.detach().float()
+            for stat_key, stat in result.stats.items():
+                out[stat_key] = stat.detach().float()
         return out
 
     def effective_weights(self) -> dict[str, float]:
@@ -114,10 +118,15 @@ class LossComposer:
     def active_terms(self) -> tuple[LossTerm, ...]:
         return tuple(t for t in self.terms if t.active)
 
+    remote_teachers: frozenset[str] = frozenset()
+    """Teachers (by name, `""` = the default) that are caches or servers: terms reading only
+    their top-K need no local teacher forward (`TermNeeds.served`). Set by the trainer."""
+
     @property
     def needs(self) -> TermNeeds:
         """What the active terms need, merged: drives teacher forward, hooks and labels."""
-        return reduce(lambda a, b: a | b, (t.needs for t in self.active_terms), TermNeeds())
+        live = (t.needs.served(self.remote_teachers) for t in self.active_terms)
+        return reduce(lambda a, b: a | b, live, TermNeeds())
 
     @property
     def needs_teacher(self) -> bool:
@@ -141,7 +150,9 @@ class LossComposer:
     def needs_at(self, step: int) -> TermNeeds:
         """What the terms that run at `step` need (a subset of `needs`): lets a trainer skip
         the teacher forward at steps where every teacher-needing term is scheduled to 0."""
-        live = (t.needs for t in self.active_terms if self.weight_at(t, step) > 0)
+        live = (
+            t.needs.served(self.remote_teachers) for t in self.active_terms if self.weight_at(t, step) > 0
+        )
         return reduce(lambda a, b: a | b, live, TermNeeds())
 
     def formula(self) -> str:
@@ -166,9 +177,9 @@ class LossComposer:
     def _run(term: LossTerm, ctx: LossContext, weight: float) -> TermResult:
         value = term.compute(ctx)
         if isinstance(value, TermValue):
-            raw, raw_parts = value.value, value.parts
+            raw, raw_parts, stats = value.value, value.parts, value.stats
         else:
-            raw, raw_parts = value, {}
+            raw, raw_parts, stats = value, {}, {}
         if not isinstance(raw, torch.Tensor) or raw.dim() != 0:
             raise TypeError(f"term {term.name!r} must return a scalar tensor, got {raw!r}")
         if term.needs.token_mean:  # one implementation of `normalize` for every token-mean term
@@ -177,9 +188,13 @@ class LossComposer:
             )
             raw = raw * scale
             raw_parts = {key: part * scale for key, part in raw_parts.items()}
-        reserved = sorted(RESERVED_PARTS.intersection(raw_parts))
-        if reserved:
-            raise ValueError(f"term {term.name!r} returned parts named {reserved}; those names are reserved")
+        reserved = sorted(RESERVED_PARTS.intersection(raw_parts) | RESERVED_PARTS.intersection(stats))
+        clash = sorted(set(raw_parts) & set(stats))
+        if reserved or clash:
+            raise ValueError(
+                f"term {term.name!r} returned parts or stats named {reserved or clash}; those names are "
+                "reserved or used twice"
+            )
         parts = {f"{term.metric_key}_{key}": weight * part for key, part in raw_parts.items()}
         return TermResult(
             term.name,
@@ -190,6 +205,7 @@ class LossComposer:
             parts,
             scheduled=term.spec.schedule is not None,
             log_raw=term.spec.log_raw,
+            stats={f"{term.metric_key}_{key}": stat for key, stat in stats.items()},
         )
 
 

@@ -30,7 +30,7 @@ from kdcompose.defaults import (
 )
 from kdcompose.errors import ConfigError, ConfigIssue, UnknownTermError
 from kdcompose.registry import get_term_class
-from kdcompose.schema.types import PositiveFloat, Probability, Weight
+from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability, Weight
 from kdcompose.schema.validation import join_path, validate_model, validate_value
 from kdcompose.terms.base import TermSpec
 
@@ -40,6 +40,7 @@ LEGACY_VISUAL_PATH = "custom.visual_kd"
 _WEIGHT = TypeAdapter(Weight)
 _PROBABILITY = TypeAdapter(Probability)
 _POSITIVE = TypeAdapter(PositiveFloat)
+_TOPK = TypeAdapter(PositiveInt)
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,23 @@ class GkdKnobs:
     beta: float | None = None
     temperature: float | None = None
     sft_alpha: float | None = None
+    gkd_logits_topk: int | None = None
     beta_path: str = "rlhf.beta"
     temperature_path: str = "rlhf.temperature"
     sft_alpha_path: str = "rlhf.sft_alpha"
+    gkd_logits_topk_path: str = "rlhf.gkd_logits_topk"
 
 
 def parse_gkd_knobs(args: Mapping[str, Any], paths: Mapping[str, str], issues: list[ConfigIssue]) -> GkdKnobs:
     """Validate `beta`, `temperature`, `sft_alpha` wherever they were written."""
     values: dict[str, Any] = {}
-    for key, adapter in (("beta", _PROBABILITY), ("temperature", _POSITIVE), ("sft_alpha", _WEIGHT)):
+    knobs = (
+        ("beta", _PROBABILITY),
+        ("temperature", _POSITIVE),
+        ("sft_alpha", _WEIGHT),
+        ("gkd_logits_topk", _TOPK),
+    )
+    for key, adapter in knobs:
         if args.get(key) is not None:
             values[key] = validate_value(adapter, args[key], paths.get(key, f"rlhf.{key}"), issues)
         values[f"{key}_path"] = paths.get(key, f"rlhf.{key}")
@@ -179,9 +188,8 @@ def _resolve_lm_jsd(
     if declared is None:
         weight = LLM_KD_WEIGHT_DEFAULT if kd_weight is None else kd_weight
         origin = LLM_KD_WEIGHT_PATH if kd_weight is not None else "default"
-        return ResolvedTerm(
-            "lm_jsd", "lm_jsd", _inherit_jsd_knobs(LmJsdSpec(type="lm_jsd", weight=weight), knobs), origin
-        )
+        spec = LmJsdSpec(type="lm_jsd", weight=weight, topk=knobs.gkd_logits_topk)
+        return ResolvedTerm("lm_jsd", "lm_jsd", _inherit_jsd_knobs(spec, knobs), origin)
     type_name, spec, path = declared
     if type_name != "lm_jsd":
         issues.append(ConfigIssue(join_path(path, "type"), "the term named lm_jsd must have type lm_jsd"))
@@ -189,6 +197,14 @@ def _resolve_lm_jsd(
         if "weight" in spec.model_fields_set and spec.weight != kd_weight:
             issues.append(_conflict(LLM_KD_WEIGHT_PATH, kd_weight, join_path(path, "weight"), spec.weight))
         spec = spec.model_copy(update={"weight": kd_weight})
+    if knobs.gkd_logits_topk is not None:  # ms-swift's top-k knob is lm_jsd's topk
+        if spec.topk is not None and spec.topk != knobs.gkd_logits_topk:
+            issues.append(
+                _conflict(
+                    knobs.gkd_logits_topk_path, knobs.gkd_logits_topk, join_path(path, "topk"), spec.topk
+                )
+            )
+        spec = spec.model_copy(update={"topk": knobs.gkd_logits_topk})
     explicit_beta = getattr(spec, "beta", None)
     if explicit_beta is not None and knobs.beta is not None and explicit_beta != knobs.beta:
         issues.append(_conflict(knobs.beta_path, knobs.beta, join_path(path, "beta"), explicit_beta))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -127,6 +127,11 @@ class TermNeeds:
     token_mean: bool = False
     """The value is a mean over the labelled tokens of the micro-batch: the composer applies
     the spec's `normalize` to it."""
+    teacher_topk: frozenset[str] = frozenset()
+    """Teachers (by name; `""` is the default teacher) whose top-K distribution the term reads.
+    A teacher that is a cache or a server hands it over as `LossContext.teacher_topk[name]`,
+    and then the term's `teacher_logits` / `teacher_hidden` needs are dropped for it: no local
+    teacher forward. A local default teacher provides its logits (or hidden states) instead."""
 
     @property
     def all_taps(self) -> frozenset[Tap]:
@@ -135,6 +140,13 @@ class TermNeeds:
 
     def side_taps(self, side: Side) -> frozenset[Tap]:
         return frozenset(t for t in self.all_taps if t.side == side)
+
+    def served(self, remote: frozenset[str]) -> TermNeeds:
+        """These needs when the teachers named in `remote` are caches or servers: a term that
+        reads only such teachers' top-K needs no local teacher logits or hidden states."""
+        if not self.teacher_topk or not self.teacher_topk <= remote:
+            return self
+        return replace(self, teacher_logits=False, teacher_hidden=False)
 
     @property
     def teacher(self) -> bool:
@@ -182,6 +194,9 @@ class LossContext:
     """True when the completion was sampled from the student (on-policy GKD batch)."""
     has_images: bool | None = None
     """None when unknown; False lets feature terms skip text-only batches."""
+    teacher_topk: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Per teacher name (`""`: the default teacher), `(logprobs [.., K] fp32 at temperature 1, ids
+    [.., K] int64)` aligned with `labels`, from a teacher cache or server; `-inf` where absent."""
     projectors: Mapping[str, Any] = field(default_factory=dict)
     """Trainable student->teacher width maps by `FeaturePair.key`, for pairs declared with a
     projector (built, trained, saved and resumed by the trainer; kdcompose.projectors)."""
@@ -220,6 +235,9 @@ class TermValue:
 
     value: torch.Tensor
     parts: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Diagnostics logged as `<metric>_<name>`, unweighted and not part of the loss (e.g.
+    `topk_mass`); aggregated over the logging window like every metric."""
 
 
 class LossTerm(ABC):

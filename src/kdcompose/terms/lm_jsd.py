@@ -1,15 +1,31 @@
-"""`lm_jsd`: generalized JSD between student and teacher LM-head distributions."""
+"""`lm_jsd`: generalized JSD between student and teacher LM-head distributions.
+
+With `topk: K` the teacher is represented by its K most likely tokens -- what a teacher cache
+or a served teacher can hand over, and what ms-swift's `gkd_logits_topk` does with a local
+teacher. `missing_mass` names what happens to the probability outside those K tokens
+(kdcompose.functional.topk_jsd): `renorm` (ms-swift), `tail` (TRL), `zero` (DistillKit).
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import StrictBool
+from pydantic import StrictBool, StrictStr
 
 from kdcompose.defaults import SWIFT_GKD_BETA, SWIFT_GKD_TEMPERATURE
-from kdcompose.functional import fused_linear_generalized_jsd, generalized_jsd
+from kdcompose.errors import ConfigIssue
+from kdcompose.functional import (
+    fused_linear_generalized_jsd,
+    fused_linear_topk_generalized_jsd,
+    generalized_jsd,
+    teacher_topk,
+    topk_generalized_jsd,
+    topk_mass,
+)
 from kdcompose.registry import register_term
 from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
-from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec
+from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
 
 
 class LmJsdSpec(TermSpec):
@@ -25,6 +41,16 @@ class LmJsdSpec(TermSpec):
     logits gradient) ever exist (`kdcompose.functional.fused_linear_generalized_jsd`). Same value
     and gradients as `false` up to float rounding; saves memory, not time (docs/performance.md).
     The LM heads must be plain linear layers with the same number of rows."""
+    topk: PositiveInt | None = None
+    """Distil only the teacher's K most likely tokens per position (`missing_mass` says what
+    happens to the rest). Required for a cached or served teacher; ms-swift's
+    `rlhf.gkd_logits_topk: K` sets it. Each step also logs `<metric>_topk_mass`."""
+    missing_mass: Literal["renorm", "tail", "zero"] = "renorm"
+    """`renorm`: both sides renormalized over the teacher's top-K (ms-swift's gkd_logits_topk);
+    `tail`: a K+1-th bucket holds the rest on both sides (TRL); `zero`: truncated teacher vs the
+    student's full distribution, forward KL only, needs `beta: 0` (DistillKit / axolotl)."""
+    teacher: StrictStr | None = None
+    """A named teacher from `rlhf.teachers` (a cache or a server); unset: the default teacher."""
 
 
 @register_term("lm_jsd")
@@ -45,13 +71,127 @@ class LmJsdTerm(LossTerm):
         return SWIFT_GKD_TEMPERATURE if self.spec.temperature is None else self.spec.temperature
 
     @property
-    def needs(self) -> TermNeeds:
-        if self.spec.fused:
-            return TermNeeds(student_hidden=True, teacher_hidden=True, labels=True, token_mean=True)
-        return TermNeeds(student_logits=True, teacher_logits=True, labels=True, token_mean=True)
+    def teacher_name(self) -> str:
+        """`""` for the default teacher, else the `rlhf.teachers` name."""
+        return self.spec.teacher or ""
 
-    def compute(self, ctx: LossContext) -> torch.Tensor:
-        return self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx)
+    @property
+    def needs(self) -> TermNeeds:
+        topk = frozenset({self.teacher_name}) if self.spec.topk is not None else frozenset()
+        local = not self.spec.teacher  # a named teacher is never a local model
+        if self.spec.fused:
+            return TermNeeds(
+                student_hidden=True, teacher_hidden=local, labels=True, token_mean=True, teacher_topk=topk
+            )
+        return TermNeeds(
+            student_logits=True, teacher_logits=local, labels=True, token_mean=True, teacher_topk=topk
+        )
+
+    def config_issues(self) -> list[ConfigIssue]:
+        issues = super().config_issues()
+        spec, origin = self.spec, self.origin
+        if spec.topk is None:
+            for key in ("missing_mass", "teacher"):
+                if key in spec.model_fields_set:
+                    issues.append(
+                        ConfigIssue(
+                            f"{origin}.{key}", f"`{key}` applies to top-K distillation: set `topk: K` too"
+                        )
+                    )
+        elif spec.missing_mass == "zero" and self.beta != 0:
+            issues.append(
+                ConfigIssue(
+                    f"{origin}.beta",
+                    f"missing_mass: zero compares a truncated teacher with the full student, which only a "
+                    f"forward KL does meaningfully: set `beta: 0` (got {self.beta:g}), or use renorm / tail",
+                )
+            )
+        return issues
+
+    def compute(self, ctx: LossContext) -> TermValue:
+        if self.spec.topk is not None:
+            return self._topk(ctx)
+        return TermValue(self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx))
+
+    def _topk(self, ctx: LossContext) -> TermValue:
+        k, mode, beta, temperature = self.spec.topk, self.spec.missing_mass, self.beta, self.temperature
+        given = ctx.teacher_topk.get(self.teacher_name)
+        if given is not None:  # a cache or server: log-probabilities at temperature 1
+            logprobs, ids = given[0][..., :k], given[1][..., :k]
+            mass = topk_mass(logprobs, ctx.labels)
+            if self.spec.fused:
+                s_weight, s_bias = _linear_head(ctx.student_lm_head, "student", self.name)
+                value = fused_linear_topk_generalized_jsd(
+                    ctx.student_hidden,
+                    s_weight,
+                    ctx.labels,
+                    teacher_topk_logprobs=logprobs,
+                    teacher_topk_ids=ids,
+                    beta=beta,
+                    temperature=temperature,
+                    missing_mass=mode,
+                    chunk_size=self.spec.chunk_size,
+                    student_bias=s_bias,
+                )
+            else:
+                value = topk_generalized_jsd(
+                    self._student_logits(ctx),
+                    logprobs,
+                    ids,
+                    ctx.labels,
+                    beta=beta,
+                    temperature=temperature,
+                    missing_mass=mode,
+                    chunk_size=self.spec.chunk_size,
+                )
+            return TermValue(value, stats={"topk_mass": mass})
+        if self.spec.teacher:
+            raise ValueError(
+                f"{self.origin}: teacher {self.spec.teacher!r} handed over no top-K distribution for this "
+                "batch (the trainer fills LossContext.teacher_topk from rlhf.teachers)"
+            )
+        if self.spec.fused:  # the teacher's top-K taken chunk by chunk from its hidden states
+            s_weight, s_bias = _linear_head(ctx.student_lm_head, "student", self.name)
+            t_weight, t_bias = _linear_head(ctx.teacher_lm_head, "teacher", self.name)
+            value, mass = fused_linear_topk_generalized_jsd(
+                ctx.student_hidden,
+                s_weight,
+                ctx.labels,
+                teacher_hidden=ctx.teacher_hidden,
+                teacher_weight=t_weight,
+                k=k,
+                beta=beta,
+                temperature=temperature,
+                missing_mass=mode,
+                chunk_size=self.spec.chunk_size,
+                student_bias=s_bias,
+                teacher_bias=t_bias,
+                return_topk_mass=True,
+            )
+            return TermValue(value, stats={"topk_mass": mass})
+        if ctx.teacher_logits is None:
+            raise ValueError(f"term {self.name!r} needs the teacher's logits or top-K in the loss context")
+        # renorm renormalizes over the K ids (temperature applies to both sides there); tail and
+        # zero read the teacher's full-vocabulary log-probabilities at the training temperature.
+        logprobs, ids = teacher_topk(
+            ctx.teacher_logits, k, temperature=1.0 if mode == "renorm" else temperature
+        )
+        value = topk_generalized_jsd(
+            self._student_logits(ctx),
+            logprobs,
+            ids,
+            ctx.labels,
+            beta=beta,
+            temperature=temperature,
+            missing_mass=mode,
+            chunk_size=self.spec.chunk_size,
+        )
+        return TermValue(value, stats={"topk_mass": topk_mass(logprobs, ctx.labels)})
+
+    def _student_logits(self, ctx: LossContext) -> torch.Tensor:
+        if ctx.student_logits is None:
+            raise ValueError(f"term {self.name!r} needs the student's logits in the loss context")
+        return ctx.student_logits
 
     def _logits_mean(self, ctx: LossContext) -> torch.Tensor:
         if ctx.student_logits is None or ctx.teacher_logits is None:
@@ -100,6 +240,12 @@ class LmJsdTerm(LossTerm):
             params += ", global_tokens"
         if self.spec.fused:
             params += ", fused"
+        if self.spec.topk is not None:
+            params += f", top{self.spec.topk}" + (
+                "" if self.spec.missing_mass == "renorm" else f" {self.spec.missing_mass}"
+            )
+        if self.spec.teacher:
+            params += f", teacher={self.spec.teacher}"
         return f"{self.name}({params})"
 
 

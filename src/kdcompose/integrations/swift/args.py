@@ -25,10 +25,6 @@ UNSUPPORTED_SETTINGS: dict[str, str] = {
         "teacher's full logits (and features); load the teacher locally with `teacher_model` instead "
         "(`offload_teacher_model: true` or `teacher_deepspeed` keep its memory down)"
     ),
-    "gkd_logits_topk": (
-        "top-k teacher logits would silently turn the lm_jsd term into a different loss; remove it (to bound "
-        "memory, lm_jsd is already computed in chunks: see `loss_terms.lm_jsd.chunk_size`)"
-    ),
     "use_liger_kernel": (
         "with it ms-swift computes its own fused JSD from hidden states and bypasses the loss composition; "
         "set `use_liger_kernel: false` (`loss_terms.lm_jsd.fused: true` gives the same memory saving: no "

@@ -88,9 +88,16 @@ def run(config: KDConfig) -> Any:
     """Train with an already validated config and `swift_kwargs(config)`; returns ms-swift's result."""
     from swift import rlhf_main
 
+    from kdcompose.integrations.swift.spec import set_plugin_composition
+
     kwargs = swift_kwargs(config)
-    with trainer_selected():
-        return rlhf_main(build_arguments(config, kwargs))
+    arguments = build_arguments(config, kwargs)
+    set_plugin_composition(config.composition)  # resolved once; the trainer takes this very object
+    try:
+        with trainer_selected():
+            return rlhf_main(arguments)
+    finally:
+        set_plugin_composition(None)
 
 
 def _torchrun_command(config_path: str) -> list[str] | None:

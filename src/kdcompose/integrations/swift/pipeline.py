@@ -31,6 +31,13 @@ def build_trainer(config: KDConfig | str | Path, **overrides: Any) -> Any:
 
     if not isinstance(config, KDConfig):
         config = load_config(config)
+    from kdcompose.integrations.swift.spec import set_plugin_composition
+
     kwargs = {**swift_kwargs(config), **overrides}
-    with trainer_selected():
-        return _PreparedOnly(build_arguments(config, kwargs)).main()
+    arguments = build_arguments(config, kwargs)
+    set_plugin_composition(config.composition)
+    try:
+        with trainer_selected():
+            return _PreparedOnly(arguments).main()
+    finally:
+        set_plugin_composition(None)

@@ -7,7 +7,9 @@ composition cannot be passed as an argument. It travels as plain data instead:
   the nested `training_args` (`kdcompose_loss_terms`, plus the runtime `llm_kd_weight` for
   other tooling; ms-swift also saves both in `args.json`);
 * the `--external_plugins` route resolves it while ms-swift parses the command line and
-  parks it here (`set_plugin_composition`), where the trainer of that run takes it.
+  parks it here (`set_plugin_composition`), where the trainer of that run takes it;
+  `kdcompose train` parks its resolved composition here too, so the trainer gets the very
+  object (with each term's YAML origin) instead of resolving the attached block again.
 
 Either way it is the explicit `loss_terms` block of the resolved composition
 (`Composition.to_loss_terms`), which resolves back to the same composition. With neither,
@@ -82,11 +84,13 @@ def take_plugin_composition() -> Composition | None:
 def composition_for(training_args: Any) -> tuple[Composition, str]:
     """The composition the trainer must optimise, and where it came from (for the log)."""
     attached = getattr(training_args, LOSS_TERMS_ATTR, None)
+    parked = take_plugin_composition()
+    if parked is not None and (attached is None or attached == parked.to_loss_terms()):
+        # The composition object itself, resolved once: its terms keep the YAML paths they were
+        # declared at (`custom.visual_kd`, `--loss_terms`) for every later message.
+        return parked, "kdcompose train" if attached is not None else "the kdcompose ms-swift plugin"
     if attached is not None:
         return from_loss_terms(attached, source="training_args." + LOSS_TERMS_ATTR), "kdcompose train"
-    parked = take_plugin_composition()
-    if parked is not None:
-        return parked, "the kdcompose ms-swift plugin"
     composition = stock_composition(
         getattr(training_args, "beta", None),
         getattr(training_args, "temperature", None),
