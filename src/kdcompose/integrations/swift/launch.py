@@ -32,6 +32,7 @@ from kdcompose.integrations.swift.args import (
     unknown_argument_issues,
     unsupported_setting_issues,
 )
+from kdcompose.integrations.swift.engines import engine_issues, prepare_engine
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 
 EXIT_OK = 0
@@ -51,6 +52,7 @@ def swift_kwargs(config: KDConfig) -> dict[str, Any]:
     paths = dict(config.arg_paths)
     issues: list[ConfigIssue] = unknown_argument_issues(config.swift_args, fields, paths)
     issues += unsupported_setting_issues(config.swift_args, paths)
+    issues += engine_issues(config.swift_args, paths)
     missing = missing_teacher_issue(config.swift_args, teacher_terms(build_composer(config.composition)))
     if missing is not None:
         issues.append(missing)
@@ -94,7 +96,7 @@ def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
 
     from kdcompose.integrations.swift.spec import attach
 
-    args = RLHFArguments(**kwargs)
+    args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
     attach(args, config.composition)
     attach(args.training_args, config.composition)
     return args
