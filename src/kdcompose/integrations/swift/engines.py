@@ -139,6 +139,7 @@ def prepare_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     _configure_cpu_state(kwargs.get("ddp_backend") or "gloo", kwargs.get("ddp_timeout"))
     kwargs = dict(kwargs)
+    kwargs = dict(kwargs)
     kwargs["accelerator_config"] = {
         **_accelerator_config(kwargs.get("accelerator_config")),
         "use_configured_state": True,
@@ -194,6 +195,15 @@ def zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether the module's own parameters are sharded by ZeRO-3 or FSDP2 (DTensor parameters)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch >= 2.4 has it
+        DTensor = ()
+    return any(zero3_partitioned(p) or isinstance(p, DTensor) for p in module.parameters(recurse=False))
+
+
 @contextmanager
 def gathered_lm_head(model_or_head: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the LM head's full `weight` (and `bias`) are materialised on every rank.
@@ -238,11 +248,16 @@ def call_through_head(
     gathers the parameters, post-forward it releases them and wraps the outputs so that backward
     re-gathers them before any gradient reaches them, then reduce-scatters the gradients.
 
+    The same holds for PyTorch FSDP2 (`fully_shard`): its pre-forward hook unshards the head (the
+    DTensor parameters become plain full tensors inside the call), its pre-backward hook unshards
+    again and its post-backward hook reduce-scatters the weight gradient into the shards
+    (tests/test_fsdp2_loss.py).
+
     `compute` must return tensors (the loss); `inputs` are passed through the module call (the
-    hidden states). Elsewhere (no ZeRO-3) it is simply `compute(head, *inputs)`. Forward hooks on
+    hidden states). Elsewhere (nothing sharded) it is simply `compute(head, *inputs)`. Forward hooks on
     the head (e.g. an open `tap_lm_head`) fire for this call too: close them first.
     """
-    if not any(zero3_partitioned(p) for p in head.parameters(recurse=False)):
+    if not is_sharded(head):
         return compute(head, *inputs)
 
     def forward(*args: torch.Tensor) -> torch.Tensor:
