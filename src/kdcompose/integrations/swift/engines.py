@@ -139,7 +139,10 @@ def prepare_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     _configure_cpu_state(kwargs.get("ddp_backend") or "gloo", kwargs.get("ddp_timeout"))
     kwargs = dict(kwargs)
-    kwargs = dict(kwargs)
+    if kwargs.get("fp16") is None:
+        # ms-swift turns fp16 AMP on for float32/float16 models; DeepSpeed's CPU accelerator refuses
+        # fp16 (`Type fp16 is not supported on your device`), where plain CPU training ignores it.
+        kwargs["fp16"] = False
     kwargs["accelerator_config"] = {
         **_accelerator_config(kwargs.get("accelerator_config")),
         "use_configured_state": True,
