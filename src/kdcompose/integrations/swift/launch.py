@@ -28,6 +28,7 @@ from kdcompose.integrations.swift.args import (
     coerce_to_fields,
     swift_argument_fields,
 )
+from kdcompose.integrations.swift.engines import prepare_engine
 from kdcompose.integrations.swift.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 
@@ -78,7 +79,7 @@ def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
 
     from kdcompose.integrations.swift.spec import attach
 
-    args = RLHFArguments(**kwargs)
+    args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
     attach(args, config.composition)
     attach(args.training_args, config.composition)
     return args

@@ -60,10 +60,12 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     classes, loads no model): unknown argument names first, then the settings."""
     from kdcompose.composer import build_composer
     from kdcompose.integrations.swift.args import swift_argument_fields, unknown_argument_issues
+    from kdcompose.integrations.swift.engines import engine_issues
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_fields(), paths)
     issues += setting_issues(config.swift_args, build_composer(config.composition), paths)
+    issues += engine_issues(config.swift_args, paths)
     return issues
 
 

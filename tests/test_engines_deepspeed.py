@@ -1,0 +1,213 @@
+"""DeepSpeed through `kdcompose train` on a machine without GPUs (docs/engines.md).
+
+Real DeepSpeed, real ms-swift, the tiny Qwen2-VL pair, three optimizer steps each:
+
+- config checks: `deepspeed` with `use_cpu: true` is refused before any model loads (exit 2,
+  naming `training.use_cpu`);
+- `prepare_engine`: the one-process launcher variables (free port) and nothing without DeepSpeed;
+- `gathered_lm_head` / `call_through_head` under a real ZeRO-3 engine (one process, gloo): the
+  fused JSD's value and gradients equal the unsharded reference (a bare gather around the loss is
+  not enough for a trainable head: docs/engines.md);
+- runs: ZeRO-3 one process == no DeepSpeed one process, and ZeRO-2 / ZeRO-3 on
+  NPROC_PER_NODE=2 == DDP (`use_cpu`, gloo) on two: per-step loss and per-term metrics within 1e-4.
+  Composition: stock lm_jsd (unfused) + ce. (Fused lm_jsd is still refused by the trainer under
+  ZeRO-3 until it calls `call_through_head`; `visual_kd` with a projector is not covered here.)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompose.integrations.swift import engines
+from swift_support import kdcompose_command, run_command, sections, step_logs, write_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+deepspeed = pytest.importorskip("deepspeed")
+
+STEPS = 3
+KEYS = ("loss", "llm_kd_loss", "sft_loss")
+LOSS_TERMS = {"lm_jsd": {}, "ce": {"weight": 0.3}}
+
+
+def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
+    out = tmp_path / name
+    data = sections(
+        out,
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        seed=42,
+        logging_steps=1,
+        rlhf={"loss_terms": LOSS_TERMS},
+        **overrides,
+    )
+    return write_config(tmp_path / f"{name}.yaml", data), out
+
+
+def _train(tmp_path: Path, name: str, nproc: int | None = None, **overrides) -> list[dict]:
+    config, out = _config(tmp_path, name, **overrides)
+    # The child starts as a user's shell would: no launcher variables (this process may hold a
+    # one-process world from the in-process ZeRO-3 tests), NPROC_PER_NODE only where asked.
+    cleared = (*engines.SINGLE_PROCESS_ENV, "NPROC_PER_NODE")
+    saved = {key: os.environ.pop(key, None) for key in cleared}
+    if nproc is not None:
+        os.environ["NPROC_PER_NODE"] = str(nproc)
+    try:
+        result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=900)
+    finally:
+        os.environ.pop("NPROC_PER_NODE", None)
+        os.environ.update({key: value for key, value in saved.items() if value is not None})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return step_logs(out)
+
+
+def _assert_same_steps(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) == STEPS
+    for row_a, row_b in zip(a, b, strict=True):
+        for key in KEYS:
+            assert row_a[key] == pytest.approx(row_b[key], abs=1e-4), (key, row_a, row_b)
+
+
+# ------------------------------------------------------------------------------- config, env
+
+
+@pytest.mark.swift
+def test_deepspeed_with_use_cpu_is_refused(tmp_path):
+    config, _ = _config(tmp_path, "refused", deepspeed="zero2", use_cpu=True)
+    result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training.use_cpu" in result.stderr and "deepspeed" in result.stderr
+
+
+def test_engine_issues_only_for_deepspeed():
+    assert engines.engine_issues({"use_cpu": True}, {}) == []
+    issues = engines.engine_issues({"deepspeed": "zero3", "use_cpu": "true"}, {"use_cpu": "training.use_cpu"})
+    assert [i.path for i in issues] == ["training.use_cpu"]
+
+
+def test_single_process_env(monkeypatch):
+    for key in engines.SINGLE_PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    env = engines.single_process_env()
+    assert env["RANK"] == env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1"
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: the launcher's values stand
+    assert engines.single_process_env() == {}
+
+
+def test_prepare_engine_is_a_no_op_without_deepspeed(monkeypatch):
+    for key in engines.SINGLE_PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    kwargs = {"use_cpu": True}
+    assert engines.prepare_engine(kwargs) is kwargs
+    assert "RANK" not in os.environ
+
+
+# ------------------------------------------------------------------------------- ZeRO-3 LM head
+
+V, H, T = 50, 8, 6
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(H, H)
+        self.head = nn.Linear(H, V, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+@pytest.fixture(scope="module")
+def zero3_engine():
+    """A real ZeRO-3 engine in this process (world of one, gloo) and an unsharded copy."""
+    from deepspeed.utils import safe_get_full_grad
+
+    os.environ.update(engines.single_process_env())
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = _Tiny()
+    reference = copy.deepcopy(model)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    return engine, reference, safe_get_full_grad
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, -100, 3, 4, 5, 6])
+    return (
+        torch.randn(T, H, generator=g),
+        torch.randn(T, H, generator=g),
+        torch.randn(V, H, generator=g),
+        labels,
+    )
+
+
+def _fused(head, hidden, teacher_hidden, teacher_weight, labels):
+    from kdcompose.functional import fused_linear_generalized_jsd
+
+    return fused_linear_generalized_jsd(
+        hidden, head.weight, teacher_hidden, teacher_weight, labels, student_bias=head.bias, chunk_size=2
+    )
+
+
+def test_gathered_lm_head_is_a_no_op_unsharded():
+    model = _Tiny()
+    with engines.gathered_lm_head(model) as head:
+        assert head is model.head
+    assert not engines.is_sharded(model.head)
+
+
+@pytest.mark.swift
+def test_zero3_fused_jsd_through_the_head_matches_reference(zero3_engine):
+    engine, reference, full_grad = zero3_engine
+    x, th, tw, labels = _inputs()
+    expected = _fused(reference.head, reference(x), th, tw, labels)
+    expected.backward()
+    head = engine.module.head
+    assert engines.is_sharded(head) and head.weight.numel() == 0  # partitioned outside a forward
+    with engines.gathered_lm_head(engine.module) as gathered:
+        assert gathered.weight.shape == (V, H)  # the full weight inside the block
+    loss = engines.call_through_head(head, lambda h, hidden: _fused(h, hidden, th, tw, labels), engine(x))
+    engine.backward(loss)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for name, param in engine.module.named_parameters():
+        torch.testing.assert_close(full_grad(param), dict(reference.named_parameters())[name].grad)
+    engine.optimizer.zero_grad()
+
+
+# ------------------------------------------------------------------------------- kdcompose train
+
+
+@pytest.mark.swift
+def test_zero3_one_process_equals_plain_run(tmp_path):
+    plain = _train(tmp_path, "plain")
+    zero3 = _train(tmp_path, "zero3", deepspeed="zero3")
+    _assert_same_steps(zero3, plain)
+
+
+@pytest.fixture(scope="module")
+def ddp_two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return _train(tmp, "ddp", nproc=2, use_cpu=True, ddp_backend="gloo")
+
+
+@pytest.mark.swift
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_two_ranks_equals_ddp(tmp_path, ddp_two_ranks, stage):
+    _assert_same_steps(_train(tmp_path, stage, nproc=2, deepspeed=stage), ddp_two_ranks)
