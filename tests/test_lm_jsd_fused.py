@@ -31,13 +31,13 @@ V, H_S, H_T = 50, 8, 12
 def test_fused_defaults_to_false_and_keeps_logit_needs():
     term = build_composer(config_from().composition).term("lm_jsd")
     assert term.spec.fused is False
-    assert term.needs == TermNeeds(student_logits=True, teacher_logits=True, labels=True)
+    assert term.needs == TermNeeds(student_logits=True, teacher_logits=True, labels=True, token_mean=True)
 
 
 def test_fused_true_needs_hidden_states_instead_of_logits():
     composer = build_composer(config_from(rlhf={"loss_terms": {"lm_jsd": {"fused": True}}}).composition)
     term = composer.term("lm_jsd")
-    assert term.needs == TermNeeds(student_hidden=True, teacher_hidden=True, labels=True)
+    assert term.needs == TermNeeds(student_hidden=True, teacher_hidden=True, labels=True, token_mean=True)
     assert composer.needs_teacher and composer.needs.teacher_language_model
     assert composer.formula() == "Loss = 1*lm_jsd(beta=0.5, T=0.9, fused)"
 

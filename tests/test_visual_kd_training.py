@@ -341,7 +341,13 @@ def test_width_mismatch_fails_when_the_trainer_is_built_naming_target_widths_and
     with pytest.raises(ConfigError) as info:
         _build(config)
     message = str(info.value)
-    for needle in ("'aligner'", "64", "96", "custom.visual_kd.aligner.projector", "linear"):
+    for needle in (
+        "custom.visual_kd.aligner",
+        "model.visual.merger",
+        "64",
+        "96",
+        "custom.visual_kd.aligner.projector: linear",
+    ):
         assert needle in message, needle
 
 

@@ -25,6 +25,7 @@ from kdcompose.functional import (
 )
 from kdcompose.registry import register_term
 from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
+from kdcompose.sharding import call_through_head
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
 
 
@@ -120,19 +121,23 @@ class LmJsdTerm(LossTerm):
             logprobs, ids = given[0][..., :k], given[1][..., :k]
             mass = topk_mass(logprobs, ctx.labels)
             if self.spec.fused:
-                s_weight, s_bias = _linear_head(ctx.student_lm_head, "student", self.name)
-                value = fused_linear_topk_generalized_jsd(
-                    ctx.student_hidden,
-                    s_weight,
-                    ctx.labels,
-                    teacher_topk_logprobs=logprobs,
-                    teacher_topk_ids=ids,
-                    beta=beta,
-                    temperature=temperature,
-                    missing_mass=mode,
-                    chunk_size=self.spec.chunk_size,
-                    student_bias=s_bias,
-                )
+
+                def given_topk(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+                    s_weight, s_bias = _linear_head(head, "student", self.name)
+                    return fused_linear_topk_generalized_jsd(
+                        hidden,
+                        s_weight,
+                        ctx.labels,
+                        teacher_topk_logprobs=logprobs,
+                        teacher_topk_ids=ids,
+                        beta=beta,
+                        temperature=temperature,
+                        missing_mass=mode,
+                        chunk_size=self.spec.chunk_size,
+                        student_bias=s_bias,
+                    )
+
+                value = call_through_head(ctx.student_lm_head, given_topk, ctx.student_hidden)
             else:
                 value = topk_generalized_jsd(
                     self._student_logits(ctx),
@@ -151,23 +156,27 @@ class LmJsdTerm(LossTerm):
                 "batch (the trainer fills LossContext.teacher_topk from rlhf.teachers)"
             )
         if self.spec.fused:  # the teacher's top-K taken chunk by chunk from its hidden states
-            s_weight, s_bias = _linear_head(ctx.student_lm_head, "student", self.name)
             t_weight, t_bias = _linear_head(ctx.teacher_lm_head, "teacher", self.name)
-            value, mass = fused_linear_topk_generalized_jsd(
-                ctx.student_hidden,
-                s_weight,
-                ctx.labels,
-                teacher_hidden=ctx.teacher_hidden,
-                teacher_weight=t_weight,
-                k=k,
-                beta=beta,
-                temperature=temperature,
-                missing_mass=mode,
-                chunk_size=self.spec.chunk_size,
-                student_bias=s_bias,
-                teacher_bias=t_bias,
-                return_topk_mass=True,
-            )
+
+            def local_topk(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                s_weight, s_bias = _linear_head(head, "student", self.name)
+                return fused_linear_topk_generalized_jsd(
+                    hidden,
+                    s_weight,
+                    ctx.labels,
+                    teacher_hidden=ctx.teacher_hidden,
+                    teacher_weight=t_weight,
+                    k=k,
+                    beta=beta,
+                    temperature=temperature,
+                    missing_mass=mode,
+                    chunk_size=self.spec.chunk_size,
+                    student_bias=s_bias,
+                    teacher_bias=t_bias,
+                    return_topk_mass=True,
+                )
+
+            value, mass = call_through_head(ctx.student_lm_head, local_topk, ctx.student_hidden)
             return TermValue(value, stats={"topk_mass": mass})
         if ctx.teacher_logits is None:
             raise ValueError(f"term {self.name!r} needs the teacher's logits or top-K in the loss context")
@@ -211,26 +220,31 @@ class LmJsdTerm(LossTerm):
                 f"term {self.name!r} (fused) needs the student's and teacher's final hidden states in the "
                 "loss context (student_hidden / teacher_hidden)"
             )
-        s_weight, s_bias = _linear_head(ctx.student_lm_head, "student", self.name)
         t_weight, t_bias = _linear_head(ctx.teacher_lm_head, "teacher", self.name)
-        if s_weight.shape[0] != t_weight.shape[0]:
-            raise ValueError(
-                f"term {self.name!r} (fused): the student's LM head has {s_weight.shape[0]} rows and the "
-                f"teacher's {t_weight.shape[0]}; vocabularies that differ by padding are aligned only on "
-                f"logits: set `rlhf.loss_terms.{self.name}.fused: false`"
+
+        def fused(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+            # Inside the head's own forward: under ZeRO-3 / FSDP2 its weight is whole here.
+            s_weight, s_bias = _linear_head(head, "student", self.name)
+            if s_weight.shape[0] != t_weight.shape[0]:
+                raise ValueError(
+                    f"term {self.name!r} (fused): the student's LM head has {s_weight.shape[0]} rows and the "
+                    f"teacher's {t_weight.shape[0]}; vocabularies that differ by padding are aligned only on "
+                    f"logits: set `{self.origin}.fused: false`"
+                )
+            return fused_linear_generalized_jsd(
+                hidden,
+                s_weight,
+                ctx.teacher_hidden,
+                t_weight,
+                ctx.labels,
+                beta=self.beta,
+                temperature=self.temperature,
+                chunk_size=self.spec.chunk_size,
+                student_bias=s_bias,
+                teacher_bias=t_bias,
             )
-        return fused_linear_generalized_jsd(
-            ctx.student_hidden,
-            s_weight,
-            ctx.teacher_hidden,
-            t_weight,
-            ctx.labels,
-            beta=self.beta,
-            temperature=self.temperature,
-            chunk_size=self.spec.chunk_size,
-            student_bias=s_bias,
-            teacher_bias=t_bias,
-        )
+
+        return call_through_head(ctx.student_lm_head, fused, ctx.student_hidden)
 
     def describe(self) -> str:
         params = f"beta={self.beta:g}"

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdcompose.sharding import zero3_partitioned
+
 LOGIT_TRANSFORMS: dict[str, object] = {
     "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping of the logits
     "logit_scale": 1.0,  # Cohere: logits * logit_scale
@@ -109,9 +111,11 @@ def tap_lm_head(model: nn.Module, *, hidden: bool, logits: bool, freeze: bool = 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         states = args[0] if args else kwargs["input"]
         tap.hidden, tap.calls = states, tap.calls + 1
-        if freeze:
+        if freeze:  # ZeRO-3 frees the gathered weight after the forward: keep a copy then
+            copy = zero3_partitioned(module.weight)
+            weight = module.weight.detach().clone() if copy else module.weight.detach()
             bias = None if module.bias is None else module.bias.detach()
-            tap.head = FrozenLinear(module.weight.detach(), bias)
+            tap.head = FrozenLinear(weight, bias.clone() if copy and bias is not None else bias)
         if tap.keep_logits:
             return None
         empty = states.narrow(-2, 0, 0) if states.dim() >= 2 else states[:0]

@@ -148,10 +148,11 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             issues = [ConfigIssue(t.origin, message) for t in terms]
             raise ConfigError(issues, source="kdcompose ms-swift trainer")
 
-        if self.is_fsdp_enabled or _zero3_enabled() or getattr(self, "is_teacher_ds3", False):
+        if self.is_fsdp_enabled:  # ZeRO-3 is handled (kdcompose.sharding.call_through_head); FSDP1 is not
             fail(
-                "needs hidden states and reads the LM-head weights directly, which FSDP / DeepSpeed ZeRO-3 "
-                "shard; use ZeRO-0/1/2 or DDP (for lm_jsd: `fused: false`)"
+                "needs hidden states and reads the LM-head weights directly, which accelerate's FSDP shards "
+                "into flat parameters of the enclosing unit; use DeepSpeed ZeRO-0/1/2/3 or DDP (for lm_jsd: "
+                "`fused: false`)"
             )
         rows = {}
         for side, wanted in (("student", needs.student_hidden), ("teacher", needs.teacher_hidden)):
