@@ -208,7 +208,9 @@ def _load_pipeline(config: Any, output_dir: str) -> Any:
 
                 with torch.device("meta"):
                     template.dummy_model = get_model_processor(
-                        template.model_info.model_dir, model_type=self.args.model_type, return_dummy_model=True
+                        template.model_info.model_dir,
+                        model_type=self.args.model_type,
+                        return_dummy_model=True,
                     )[0]
 
         def _save_val_dataset(self, val_dataset: Any) -> None:

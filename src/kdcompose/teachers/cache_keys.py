@@ -100,7 +100,7 @@ def _media_slices(
                     f"sample {b} has more {kind} placeholder tokens than the batch has {kind}s"
                 )
             n = int(patches[item]) // merge
-            if n > need:
+            if n == 0 or n > need:
                 raise SampleKeyError(f"{kind} {item} does not fit the placeholder tokens of sample {b}")
             start = int(starts[item])
             per_sample[b].append((grid[item], pixels[start : start + int(patches[item])]))
