@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         build_rate, forward_rate = n / min(builds), n / min(forwards)
         print(
             f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"device {pipeline.device}; tiny Qwen2-VL teacher, {args.samples} samples, batch {args.batch_size}, "
+            f"device {pipeline.device}; tiny Qwen2-VL teacher, {args.samples} samples, batch "
+            f"{args.batch_size}, "
             f"K = {args.topk}, {args.dtype}, best of {args.rounds}\n"
         )
         print("| measure | value | reference | ratio |")

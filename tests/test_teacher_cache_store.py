@@ -258,12 +258,12 @@ def test_check_reports_topk_above_the_cached_k(tmp_path: Path) -> None:
     assert cache.check(topk=4) == []
     [(path, message)] = cache.check(topk=8)
     assert path == "rlhf.loss_terms.lm_jsd.topk" and "K = 4" in message and "--topk 8" in message
-    with pytest.raises(TeacherCacheError, match="topk must be in 1..4"):
+    with pytest.raises(TeacherCacheError, match=r"topk must be in 1\.\.4"):
         cache.batch_topk(collate([make_sample(0)]), topk=5)
 
 
 def test_not_a_cache_says_how_to_build_one(tmp_path: Path) -> None:
-    with pytest.raises(TeacherCacheError, match="kdcompose teacher-cache CONFIG.yaml --out"):
+    with pytest.raises(TeacherCacheError, match=r"kdcompose teacher-cache CONFIG\.yaml --out"):
         TeacherCache.open(tmp_path)
 
 

@@ -290,7 +290,8 @@ class TeacherCache:
             meta = handle.metadata() or {}
             if meta.get("format") != FORMAT or int(meta.get("topk", -1)) != self.topk:
                 raise TeacherCacheError(
-                    f"{path} is not a shard of this cache (format {meta.get('format')!r}, K {meta.get('topk')}, "
+                    f"{path} is not a shard of this cache (format {meta.get('format')!r}, K "
+                    f"{meta.get('topk')}, "
                     f"manifest K {self.topk}); delete it or rebuild the cache"
                 )
             self._shards.append(handle)
@@ -370,8 +371,10 @@ class TeacherCache:
                 problems.append(
                     (
                         cache_path,
-                        f"the run's tokenizer (fingerprint {have}) is not the one the cache {self.directory} was "
-                        f"built with ({want}): its token ids would mean other tokens; rebuild with `{rebuild}`",
+                        f"the run's tokenizer (fingerprint {have}) is not the one the cache "
+                        f"{self.directory} was "
+                        f"built with ({want}): its token ids would mean other tokens; rebuild with "
+                        f"`{rebuild}`",
                     )
                 )
         if template is not None:
@@ -381,7 +384,8 @@ class TeacherCache:
                 problems.append(
                     (
                         cache_path,
-                        f"the run's template {template_name(template)!r} (fingerprint {have_fp}) is not the one "
+                        f"the run's template {template_name(template)!r} (fingerprint {have_fp}) is "
+                        f"not the one "
                         f"the cache {self.directory} was built with ({want_t.get('name')!r}, "
                         f"{want_t.get('fingerprint')}): samples would encode differently; rebuild with "
                         f"`{rebuild}`",
@@ -448,8 +452,10 @@ class TeacherCache:
             stored = rows.positions.to(torch.int64)
             if rows.length != real.numel() or not torch.equal(expected, stored):
                 raise TeacherCacheError(
-                    f"sample {b} of the batch (key {key}) has {expected.numel()} labelled positions but the cache "
-                    f"holds {stored.numel()} (length {rows.length} vs {real.numel()}): its labels changed since "
+                    f"sample {b} of the batch (key {key}) has {expected.numel()} labelled positions "
+                    f"but the cache "
+                    f"holds {stored.numel()} (length {rows.length} vs {real.numel()}): its labels "
+                    f"changed since "
                     f"the cache was built; rebuild with `{rebuild_command(self.manifest, self.directory)}`"
                 )
             target = real[stored]

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,8 @@ class _Encoder:
         if has_opsd:
             raise ConfigError.single(
                 "data.dataset",
-                "the dataset gives the teacher its own view of samples (OPSD: teacher_messages / teacher_images); "
+                "the dataset gives the teacher its own view of samples (OPSD: teacher_messages / "
+                "teacher_images); "
                 "the teacher cache keys rows by the student's encoding and does not support that",
             )
         return encoded
@@ -271,7 +273,8 @@ def _check_compatible(directory: Path, manifest: Mapping[str, Any]) -> None:
         if old.get(part, {}).get("fingerprint") != manifest.get(part, {}).get("fingerprint"):
             raise ConfigError.single(
                 "--out",
-                f"{directory} was built with another {part} (fingerprint {old.get(part, {}).get('fingerprint')}, "
+                f"{directory} was built with another {part} (fingerprint "
+                f"{old.get(part, {}).get('fingerprint')}, "
                 f"now {manifest.get(part, {}).get('fingerprint')}): delete it or choose another --out",
             )
 
@@ -297,6 +300,61 @@ def _topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(values), torch.cat(ids)
 
 
+@dataclass
+class CachePipeline:
+    """What a build needs, loaded once: the teacher, the template, the datasets and the encoder.
+
+    Reusable across builds (the benchmark times several builds on one pipeline)."""
+
+    config_path: str
+    topk: int
+    args: Any
+    teacher: Any
+    template: Any
+    train_dataset: Any
+    val_dataset: Any
+    encoder: _Encoder
+    device: torch.device
+    multimodal: bool
+
+    def hook_on(self) -> None:
+        """The template's post-encode hook on the teacher, as training registers it (pixels become
+        embeddings inside the forward)."""
+        if self.multimodal:
+            self.template.register_post_encode_hook([self.teacher])
+
+    def hook_off(self) -> None:
+        if self.multimodal:
+            self.template.remove_post_encode_hook()
+
+
+def open_pipeline(config_path: str | Path, topk: int | None = None) -> CachePipeline:
+    """Load the config's teacher, template and data through ms-swift (see the module docstring)."""
+    from kdcompose.integrations.swift.runtime import prepare_swift_import
+
+    config, k = prepare_config(config_path, topk)
+    prepare_swift_import()
+    scratch = tempfile.mkdtemp(prefix="kdcompose-teacher-cache-")
+    try:
+        swift = _load_pipeline(config, scratch)
+        train_dataset, val_dataset = swift._prepare_dataset()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    teacher = swift.teacher_model
+    return CachePipeline(
+        config_path=str(config_path),
+        topk=k,
+        args=swift.args,
+        teacher=teacher,
+        template=swift.template,
+        train_dataset=train_dataset,
+        val_dataset=val_dataset,
+        encoder=_Encoder(swift.template),
+        device=next(teacher.parameters()).device,
+        multimodal=bool(swift.args.model_meta.is_multimodal),
+    )
+
+
 def build_cache(
     config_path: str | Path,
     out: str | Path,
@@ -309,34 +367,33 @@ def build_cache(
     world_size: int = 1,
     progress: bool = True,
     write_final_manifest: bool = True,
+    pipeline: CachePipeline | None = None,
 ) -> dict[str, Any]:
     """Cache the config's teacher top-K for its train (and val) data in ``out``; returns the manifest.
 
     ``rank`` / ``world_size`` take every ``world_size``-th batch (the launcher sets them).
     Samples already cached are skipped. Returns the manifest written (or, without
-    ``write_final_manifest``, the manifest this process would write).
+    ``write_final_manifest``, the manifest this process would write). ``pipeline`` reuses an
+    :func:`open_pipeline` (its config must be ``config_path``).
     """
     from tqdm.auto import tqdm
 
     from kdcompose import __version__
-    from kdcompose.integrations.swift.runtime import prepare_swift_import
 
     if dtype not in DTYPES:
         raise ConfigError.single("--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config, k = prepare_config(config_path, topk)
-    prepare_swift_import()
+    if samples_per_shard < 1:
+        raise ConfigError.single("--samples-per-shard", f"must be >= 1, got {samples_per_shard}")
+    if pipeline is None:
+        pipeline = open_pipeline(config_path, topk)
+    k = int(topk) if topk is not None else pipeline.topk
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="kdcompose-teacher-cache-")
-    try:
-        pipeline = _load_pipeline(config, scratch)
-        train_dataset, val_dataset = pipeline._prepare_dataset()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    train_dataset, val_dataset = pipeline.train_dataset, pipeline.val_dataset
     args = pipeline.args
-    teacher = pipeline.teacher_model
+    teacher = pipeline.teacher
     template = pipeline.template
-    device = next(teacher.parameters()).device
+    device = pipeline.device
     vocab_size = int(teacher.get_output_embeddings().weight.shape[0])
     model_dir = getattr(getattr(teacher, "model_info", None), "model_dir", None) or args.teacher_model
     teacher_adapters = list(getattr(args, "teacher_adapters", None) or [])
@@ -373,11 +430,9 @@ def build_cache(
         if manifest[name] is not None
     }
     done = _existing_keys(directory, manifest)
-    encoder = _Encoder(template)
+    encoder = pipeline.encoder
     batch_size = batch_size or int(args.per_device_train_batch_size)
-    multimodal = bool(args.model_meta.is_multimodal)
-    if multimodal:
-        template.register_post_encode_hook([teacher])
+    pipeline.hook_on()
     seq = _next_shard_seq(directory, rank)
     added = {"samples": 0, "positions": 0}
     started = time.perf_counter()
@@ -397,11 +452,17 @@ def build_cache(
             for start in mine:
                 rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 encoded = encoder.encode(rows)
-                keys = sample_keys(encoder.collate(encoded, torch.device("cpu")), **key_ids)
+                collated = encoder.collate(encoded, device)
+                keys = sample_keys(collated, **key_ids)
                 todo = [i for i, key in enumerate(keys) if key not in done]
                 todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
                 if todo:
-                    batch = encoder.collate([encoded[i] for i in todo], device)
+                    # a partly cached batch is re-collated without its cached samples
+                    batch = (
+                        collated
+                        if len(todo) == len(rows)
+                        else encoder.collate([encoded[i] for i in todo], device)
+                    )
                     buffer += _teacher_rows(teacher, batch, [keys[i] for i in todo], k)
                     done.update(keys[i] for i in todo)
                 bar.update(len(rows))
@@ -433,8 +494,7 @@ def build_cache(
                 seq += 1
             bar.close()
     finally:
-        if multimodal:
-            template.remove_post_encode_hook()
+        pipeline.hook_off()
     manifest["last_build"] = {
         "added_samples": added["samples"],
         "added_positions": added["positions"],
@@ -484,7 +544,8 @@ def run_cli(
         nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
     except ValueError:
         print(
-            f"kdcompose teacher-cache: NPROC_PER_NODE must be a whole number, got {os.environ['NPROC_PER_NODE']!r}",
+            f"kdcompose teacher-cache: NPROC_PER_NODE must be a whole number, got "
+            f"{os.environ['NPROC_PER_NODE']!r}",
             file=sys.stderr,
         )
         return 2
@@ -533,7 +594,8 @@ def _report(manifest: Mapping[str, Any], out: str) -> None:
     last = manifest.get("last_build", {})
     per_pos = manifest["bytes"] / max(1, manifest["num_positions"])
     print(
-        f"kdcompose teacher-cache: {out}: {manifest['num_samples']} samples, {manifest['num_positions']} positions "
+        f"kdcompose teacher-cache: {out}: {manifest['num_samples']} samples, "
+        f"{manifest['num_positions']} positions "
         f"(K = {manifest['topk']}, {manifest['dtype']}, {per_pos:.1f} bytes/position); this run added "
         f"{last.get('added_samples', 0)} samples in {last.get('seconds', 0):.1f} s"
     )
