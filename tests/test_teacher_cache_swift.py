@@ -222,3 +222,31 @@ def test_cli_refuses_a_missing_k_and_on_policy_configs(
     config = write_config(built["tmp"] / "onpolicy.yaml", sections(built["tmp"] / "run", lmbda=0.5))
     assert main(["teacher-cache", str(config), "--out", str(built["tmp"] / "nok"), "--topk", "4"]) == 2
     assert "rlhf.lmbda" in capsys.readouterr().err
+
+
+def test_two_processes_split_the_work_and_store_the_same_rows(built: dict[str, Any]) -> None:
+    """`NPROC_PER_NODE=2`: each process writes its own shards, the launcher merges the manifest;
+    the rows equal the single-process build's (same batches, so bit-identical in float32)."""
+    import os
+
+    out = built["tmp"] / "cache-2proc"
+    command = kdcompose_command(
+        "teacher-cache", str(built["config"]), "--out", str(out), "--dtype", "float32",
+        "--samples-per-shard", str(PER_SHARD),
+    )  # fmt: skip
+    os.environ["NPROC_PER_NODE"] = "2"
+    try:
+        result = run_command(command, built["tmp"])
+    finally:
+        del os.environ["NPROC_PER_NODE"]
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == N_SAMPLES and manifest["last_build"]["world_size"] == 2
+    assert {name.split("-")[1] for name in manifest["shards"]} == {"r0", "r1"}
+    assert not list(out.glob(".rank*.json"))
+    one, two = TeacherCache.open(built["out"]), TeacherCache.open(out)
+    assert set(one.keys()) == set(two.keys())
+    for key in one:
+        a, b = one.rows(key), two.rows(key)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.ids, b.ids)
+        assert torch.equal(a.logprobs, b.logprobs)

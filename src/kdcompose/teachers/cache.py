@@ -33,7 +33,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,6 +329,9 @@ class TeacherCache:
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
 
     def keys(self) -> Iterable[str]:
         return self._index.keys()
