@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (v<N>-<time>) or its output_dir (newest)")
     p.add_argument("-o", "--output", metavar="PNG", help="output file (default: RUN/loss_composition.png)")
     p.set_defaults(func=_plot)
+
+    from kdcompose.teachers import cache_cli
+
+    p = sub.add_parser("teacher-cache", help="cache the teacher's top-K log-probabilities for training")
+    cache_cli.add_arguments(p)
+    p.set_defaults(func=cache_cli.run)
     return parser
 
 
