@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (v<N>-<time>) or its output_dir (newest)")
     p.add_argument("-o", "--output", metavar="PNG", help="output file (default: RUN/loss_composition.png)")
     p.set_defaults(func=_plot)
+
+    from kdcompose.serve import cli as serve_cli  # light: torch/fastapi load only when it runs
+
+    p = sub.add_parser(
+        "serve-teacher", help="serve a teacher's top-K log-probs (ms-swift teacher_model_server)"
+    )
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
     return parser
 
 
