@@ -19,7 +19,8 @@ waits up to ``batch_window_ms`` for more, and runs padded forwards of at most
 samples never get split across answers.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request)
+# at run time, and they name classes imported inside create_app.
 
 import asyncio
 import secrets
