@@ -113,6 +113,8 @@ class TeacherScorer:
         template = get_template(
             processor, template_type=self.template_type, max_length=None, max_pixels=self.max_pixels
         )
+        template.max_length = None  # the trainer encodes teacher requests with max_length unset; our
+        # own bound is ServerLimits.max_tokens_per_request (413), checked after encoding
         template.model = model  # position ids (mrope) come from the model's config, as in the trainer
         template.set_mode("train")  # ms-swift's GKD pipeline encodes in 'train' mode
         template.register_post_encode_hook([model])  # VL: images -> inputs_embeds inside forward
