@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher-cache", help="cache the teacher's top-K log-probabilities for training")
     cache_cli.add_arguments(p)
     p.set_defaults(func=cache_cli.run)
+
+    from kdcompose.serve import cli as serve_cli  # light: torch/fastapi load only when it runs
+
+    p = sub.add_parser(
+        "serve-teacher", help="serve a teacher's top-K log-probs (ms-swift teacher_model_server)"
+    )
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
     return parser
 
 
