@@ -32,8 +32,9 @@ of diverging silently: a checkpoint saved with `save_only_model: true` has no `o
 and on-policy batches generated before the checkpoint inside a generation batch.
 
 A checkpoint whose recorded composition (`kdcompose_composition.yaml`, `resume.py`) differs
-from the configured one is refused, naming what differs, unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1`
-is set (a deliberate change of recipe mid-run), which turns the refusal into a warning.
+from the configured one is refused (a `ConfigError` at `rlhf.loss_terms`) naming what differs,
+unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1` is set (a deliberate change of recipe mid-run), which
+turns the refusal into a warning.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 
 import torch
 
+from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import resume
 
 ALLOW_CHANGES_ENV = "KDCOMPOSE_RESUME_ALLOW_CHANGES"
@@ -95,6 +97,8 @@ def saved_key_map(model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4: checkpoints are written with the model's own keys
+        return {key: key for key in state}, []
+    if not hasattr(model, "config"):  # not a transformers model: `save_pretrained` did not write it
         return {key: key for key in state}, []
     mapping: dict[str, str] = {}
     unmapped: list[str] = []
@@ -175,7 +179,8 @@ def load_full_weights(model: torch.nn.Module, checkpoint: str | Path) -> int | N
     result = model.load_state_dict(converted, strict=False)
     # not in the weights file on purpose: tied copies, and keys the model drops on save (kdcompose's
     # projectors, restored from their own file by `kdcompose.projectors.load_projectors`)
-    missing = set(result.missing_keys) - _tied_keys(model) - set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    missing = set(result.missing_keys) - _tied_keys(model) - ignored
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     lost = sorted(missing & trainable)
     if lost or unexpected:
@@ -183,13 +188,14 @@ def load_full_weights(model: torch.nn.Module, checkpoint: str | Path) -> int | N
         if lost:
             detail.append(f"{len(lost)} trainable weights not found in it (e.g. {', '.join(lost[:3])})")
         if unexpected:
-            detail.append(f"{len(unexpected)} of its tensors match no weight (e.g. {', '.join(unexpected[:3])})")
+            examples = ", ".join(unexpected[:3])
+            detail.append(f"{len(unexpected)} of its tensors match no weight (e.g. {examples})")
         if unmapped:
             detail.append(f"keys saved through a weight converter: {', '.join(unmapped[:3])}")
         raise ResumeError(
-            f"kdcompose: cannot restore the student from {checkpoint}: {'; '.join(detail)}. Training on would "
-            "start from the initial weights, not continue the run; check that the checkpoint belongs to this "
-            "model (model, tuner_type)"
+            f"kdcompose: cannot restore the student from {checkpoint}: {'; '.join(detail)}. Training on "
+            "would start from the initial weights, not continue the run; check that the checkpoint belongs "
+            "to this model (model, tuner_type)"
         )
     return len(converted)
 
@@ -231,7 +237,8 @@ class EpochReplaySampler:
 def make_epoch_replayable(sampler: Any) -> Any:
     """Give a `RepeatSampler` instance `set_epoch` (returns it; other samplers pass through)."""
     cls = type(sampler)
-    if hasattr(sampler, "set_epoch") or not all(hasattr(sampler, a) for a in ("generator", "num_samples", "seed")):
+    needed = ("generator", "num_samples", "seed")
+    if hasattr(sampler, "set_epoch") or not all(hasattr(sampler, a) for a in needed):
         return sampler
     sampler.__class__ = type(f"EpochReplay{cls.__name__}", (cls, EpochReplaySampler), {})
     return sampler
@@ -273,13 +280,20 @@ def checkpoint_global_step(checkpoint: str | Path) -> int:
 
 
 def composition_refusal(checkpoint: str | Path, composer: Any) -> list[str]:
-    """What differs from the checkpoint's recorded composition; raises unless the override is set."""
+    """What differs from the checkpoint's recorded composition (`resume.resume_changes`).
+
+    Raises a `ConfigError` at `rlhf.loss_terms` naming every difference, unless
+    `KDCOMPOSE_RESUME_ALLOW_CHANGES=1` allows it (the loop then logs the differences as a warning).
+    """
     changes = resume.resume_changes(checkpoint, composer) or []
-    if changes and os.environ.get(ALLOW_CHANGES_ENV, "").strip().lower() not in ("1", "true", "yes"):
-        raise ResumeError(
-            f"kdcompose: refusing to resume from {checkpoint}: the loss composition differs from the one that run "
-            f"recorded ({resume.COMPOSITION_FILE}): {'; '.join(changes)}. Restore the recorded composition, or "
-            f"set {ALLOW_CHANGES_ENV}=1 to continue with the new one on purpose"
+    allowed = os.environ.get(ALLOW_CHANGES_ENV, "").strip().lower() in ("1", "true", "yes")
+    if changes and not allowed:
+        raise ConfigError.single(
+            "rlhf.loss_terms",
+            f"differs from the composition the checkpoint's run recorded ({resume.COMPOSITION_FILE}): "
+            f"{'; '.join(changes)}. Resume with the recorded composition, or set {ALLOW_CHANGES_ENV}=1 to "
+            "continue with this one on purpose",
+            source=f"(resume_from_checkpoint: {checkpoint})",
         )
     return changes
 
@@ -305,8 +319,9 @@ def not_exact_reasons(trainer: Any, checkpoint: str | Path, global_step: int) ->
     logging_steps = getattr(args, "logging_steps", 1)
     if isinstance(logging_steps, int) and logging_steps > 1 and global_step % logging_steps:
         reasons.append(
-            f"the checkpoint (step {global_step}) falls inside a logging window of {logging_steps} steps: the first "
-            "logged row after resuming averages fewer steps (make save_steps a multiple of logging_steps)"
+            f"the checkpoint (step {global_step}) falls inside a logging window of {logging_steps} steps: "
+            "the first logged row after resuming averages fewer steps (make save_steps a multiple of "
+            "logging_steps)"
         )
     per_generation = int(getattr(args, "steps_per_generation", 0) or 0)
     accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
