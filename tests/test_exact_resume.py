@@ -5,12 +5,14 @@ Real ms-swift runs on the tiny Qwen2-VL pair, in-process through `build_trainer`
 `kdcompose train` config gets): 6 optimizer steps, a checkpoint every 3, then a second trainer
 resumes from `checkpoint-3`. The dataset has 4 samples in batches of 2, so the checkpoint sits in
 epoch 2 and the resumed steps cross into epoch 3 (the sampler's per-epoch order is part of what
-must be restored). Compared for steps 4-6: `loss`, every per-term metric, the scheduled `ce`
+must be restored); the LoRA run also splits each generation batch over 2 steps, so its checkpoint
+falls inside one. Compared for steps 4-6: `loss`, every per-term metric, the scheduled `ce`
 weight (`sft_loss_weight`), `learning_rate` and `grad_norm`, within 1e-5 (relative).
 
 Without exact_resume, the full fine-tuning run resumes from the *initial* weights (transformers
 loads a hub-layout checkpoint into renamed keys with strict=False) and the LoRA run replays
-epoch 1's sample order in epoch 2; both comparisons fail.
+epoch 1's sample order in epoch 2 and restarts the split generation batch at its first half; both
+comparisons fail (each of the three fixes disabled alone fails its test).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ VISUAL = {"weight": 1.0, "aligner": {"distance": "mse", "projector": "linear"}}
 def _config(out: Path, tuner: str, *, ce: dict[str, Any] = CE) -> Any:
     extra: dict[str, Any] = {}
     if tuner == "lora":
-        extra = {"lora_rank": 4, "target_modules": ["all-linear"]}
+        # steps_per_generation 2: each dataloader batch is split into 2 micro-batches, and the checkpoint
+        # at step 3 falls in the middle of one (the GKD counter `_step` picks the second half)
+        extra = {"lora_rank": 4, "target_modules": ["all-linear"], "steps_per_generation": 2}
     return parse_config(
         sections(
             out,
