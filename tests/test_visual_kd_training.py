@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from kdcompose import LossContext, Tap, TermNeeds, TermSpec, build_composer, parse_config, register_term
 from kdcompose.errors import ConfigError
+from kdcompose.integrations.swift.exact_resume import ALLOW_CHANGES_ENV
 from kdcompose.projectors import PROJECTOR_ATTR, PROJECTOR_FILE
 from kdcompose.registry import unregister_term
 from kdcompose.terms import LossTerm
@@ -291,7 +292,8 @@ def test_projector_is_saved_with_the_student_but_not_inside_its_weights(visual_r
     assert keys and not any(PROJECTOR_ATTR in key for key in keys)
 
 
-def test_resume_restores_the_projector(visual_run):
+def test_resume_restores_the_projector(visual_run, monkeypatch):
+    monkeypatch.setenv(ALLOW_CHANGES_ENV, "1")  # the resumed config drops the test-only probe term
     checkpoint = visual_run.checkpoint
     rlhf = {"llm_kd_weight": 0, "loss_terms": {"visual_kd": VISUAL}}
     config = _config(
@@ -305,15 +307,16 @@ def test_resume_restores_the_projector(visual_run):
     assert torch.equal(fresh, torch.eye(96, 64)), "a new projector starts as the identity"
     trainer.train(resume_from_checkpoint=str(checkpoint))
     torch.testing.assert_close(snapshots.at_start[key], visual_run.after[key])
-    # The student's own weights are ms-swift's / transformers' job and are not asserted: with
-    # transformers 5.19 a full fine-tuning checkpoint is written in the original key layout, which
-    # `Trainer._load_from_checkpoint` does not map back (only `resume_only_model` reloads the student).
+    # transformers 5.19 writes the checkpoint in the original key layout, which its own loader does not
+    # map back; kdcompose's `exact_resume.load_full_weights` does, so the student is restored too.
+    torch.testing.assert_close(snapshots.at_start[VISION_PARAM], visual_run.after[VISION_PARAM])
     assert trainer.state.global_step == 3
 
 
-def test_resume_only_model_restores_the_student_and_the_projector(visual_run):
+def test_resume_only_model_restores_the_student_and_the_projector(visual_run, monkeypatch):
     """ms-swift's model-only resume: the student is reloaded from the checkpoint folder and the
     pipeline still passes the checkpoint to `train`, which restores the projector."""
+    monkeypatch.setenv(ALLOW_CHANGES_ENV, "1")  # the resumed config drops the test-only probe term
     checkpoint = str(visual_run.checkpoint)
     rlhf = {"llm_kd_weight": 0, "loss_terms": {"visual_kd": VISUAL}}
     config = _config(

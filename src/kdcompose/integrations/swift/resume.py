@@ -11,8 +11,10 @@
 Everything else a resumed run needs is already a function of the restored `global_step`:
 the schedules are pure functions of the step, the composition is rebuilt from the config,
 and the metric windows start empty exactly like the trainer's own `loss` accumulator.
-Resuming with a different composition is allowed (it may be deliberate) but logged as a
-warning that names what changed.
+Resuming with a different composition is refused at train start by `exact_resume`
+(`composition_refusal`, naming what changed) unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1`; then
+it is logged as a warning that names what changed. `exact_resume` also restores what stock
+ms-swift does not (full fine-tuned weights, per-epoch data order, the GKD micro-batch counter).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from kdcompose import projectors as _projectors  # noqa: E402
 from kdcompose.composer import CompositionOutput, LossComposer, build_composer  # noqa: E402
 from kdcompose.errors import ConfigError, ConfigIssue  # noqa: E402
 from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # noqa: E402
+from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: E402
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
 from kdcompose.integrations.swift.loop import LoopMixin  # noqa: E402
@@ -112,6 +113,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """Feature hooks are on the models only while training runs: removed when it ends and when
         it fails (a loss computed afterwards hooks just for its own forward)."""
+        _exact_resume.begin_train(self, args, kwargs)  # kdcompose exact resume: refuse / warn / counters
         self._kd_run_started(args, kwargs)
         for recorder in self._recorders():
             recorder.open()
@@ -130,7 +132,8 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         _projectors.save_projectors(self._feature_projectors, output_dir or self.args.output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not _exact_resume.load_checkpoint_weights(self, resume_from_checkpoint, model):  # exact resume
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         _projectors.load_projectors(self._feature_projectors, resume_from_checkpoint)
 
     # ------------------------------------------------------------------ construction checks
