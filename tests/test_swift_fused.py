@@ -218,11 +218,11 @@ def test_fused_with_vocabularies_padded_differently_fails_at_construction(traine
     assert trainer.kd_composer.formula() == "Loss = 1*lm_jsd(beta=0.5, T=0.9)"
 
 
-def test_fused_under_sharded_parameters_fails_at_construction(trainer, monkeypatch):
-    import kdcompose.integrations.swift.trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "_zero3_enabled", lambda: True)
-    with pytest.raises(ConfigError, match=r"rlhf\.loss_terms\.lm_jsd.*ZeRO-3.*fused: false"):
+def test_fused_under_accelerate_fsdp_fails_at_construction(trainer, monkeypatch):
+    """ZeRO-3 is supported (the loss runs as the head's forward, tests/test_engines_deepspeed.py);
+    accelerate's FSDP flattens the head into its parent unit and is refused, naming the fix."""
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    with pytest.raises(ConfigError, match=r"rlhf\.loss_terms\.lm_jsd.*FSDP.*fused: false"):
         trainer.use_composer(build_composer(parse_config(FUSED).composition))
     assert trainer.kd_composer.formula() == "Loss = 1*lm_jsd(beta=0.5, T=0.9)"
 

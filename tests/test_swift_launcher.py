@@ -87,7 +87,9 @@ def _teacher_api(data):
 
 
 def _topk(data):
+    """ms-swift's top-k knob is lm_jsd's `topk`: stating it twice differently is a conflict."""
     data["rlhf"]["gkd_logits_topk"] = 20
+    data["rlhf"]["loss_terms"] = {"lm_jsd": {"topk": 8}}
 
 
 def _negative_llm_kd_weight(data):
@@ -102,7 +104,7 @@ def _negative_llm_kd_weight(data):
         (_no_teacher, ["rlhf.teacher_model", "lm_jsd", "need a teacher"]),
         (_wrong_rlhf_type, ["rlhf.rlhf_type", "gkd"]),
         (_teacher_api, ["rlhf.teacher_model_server", "not supported"]),
-        (_topk, ["rlhf.gkd_logits_topk", "not supported"]),
+        (_topk, ["rlhf.gkd_logits_topk", "conflicts with rlhf.loss_terms.lm_jsd.topk"]),
         (_negative_llm_kd_weight, ["rlhf.llm_kd_weight"]),
     ],
     ids=["unknown-key", "two-sections", "no-teacher", "rlhf-type", "teacher-api", "topk", "llm-kd-weight"],
@@ -283,7 +285,7 @@ def test_plugin_consumes_its_flags_during_swift_argument_parsing(tmp_path):
         (["--llm_kd_weight", "-1"], "--llm_kd_weight"),
         (["--loss_terms", '{"lm_jsd": {"wieght": 1}}'], "--loss_terms.lm_jsd"),
         (["--learnin_rate", "1e-4"], "did you mean `learning_rate`"),
-        (["--gkd_logits_topk", "5"], "--gkd_logits_topk"),
+        (["--gkd_logits_topk", "5", "--loss_terms", '{"lm_jsd": {"topk": 8}}'], "--gkd_logits_topk"),
     ],
     ids=["rlhf-type", "negative-weight", "typo-in-term", "unknown-flag", "topk"],
 )

@@ -112,6 +112,17 @@ class FeaturePair:
 
 
 @dataclass(frozen=True)
+class TopkRequest:
+    """A term reads the top-`k` distribution of teacher `teacher` (`""`: the default teacher).
+    `origin` is the YAML path of the term's `topk` setting, for errors (e.g. a cache holding
+    fewer tokens); it does not take part in equality."""
+
+    teacher: str
+    k: int
+    origin: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
 class TermNeeds:
     """What a term reads from the loss context. The union over active terms tells the
     trainer what to compute: e.g. no term needs teacher logits -> no teacher LM forward."""
@@ -127,7 +138,7 @@ class TermNeeds:
     token_mean: bool = False
     """The value is a mean over the labelled tokens of the micro-batch: the composer applies
     the spec's `normalize` to it."""
-    teacher_topk: frozenset[str] = frozenset()
+    teacher_topk: frozenset[TopkRequest] = frozenset()
     """Teachers (by name; `""` is the default teacher) whose top-K distribution the term reads.
     A teacher that is a cache or a server hands it over as `LossContext.teacher_topk[name]`,
     and then the term's `teacher_logits` / `teacher_hidden` needs are dropped for it: no local
@@ -144,9 +155,14 @@ class TermNeeds:
     def served(self, remote: frozenset[str]) -> TermNeeds:
         """These needs when the teachers named in `remote` are caches or servers: a term that
         reads only such teachers' top-K needs no local teacher logits or hidden states."""
-        if not self.teacher_topk or not self.teacher_topk <= remote:
+        if not self.teacher_topk or not self.topk_teachers <= remote:
             return self
         return replace(self, teacher_logits=False, teacher_hidden=False)
+
+    @property
+    def topk_teachers(self) -> frozenset[str]:
+        """Names of the teachers whose top-K the term reads."""
+        return frozenset(r.teacher for r in self.teacher_topk)
 
     @property
     def teacher(self) -> bool:

@@ -26,7 +26,7 @@ from kdcompose.functional import (
 from kdcompose.registry import register_term
 from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
 from kdcompose.sharding import call_through_head
-from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue
+from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue, TopkRequest
 
 
 class LmJsdSpec(TermSpec):
@@ -78,7 +78,9 @@ class LmJsdTerm(LossTerm):
 
     @property
     def needs(self) -> TermNeeds:
-        topk = frozenset({self.teacher_name}) if self.spec.topk is not None else frozenset()
+        topk: frozenset[TopkRequest] = frozenset()
+        if self.spec.topk is not None:
+            topk = frozenset({TopkRequest(self.teacher_name, self.spec.topk, f"{self.origin}.topk")})
         local = not self.spec.teacher  # a named teacher is never a local model
         if self.spec.fused:
             return TermNeeds(
@@ -109,10 +111,10 @@ class LmJsdTerm(LossTerm):
             )
         return issues
 
-    def compute(self, ctx: LossContext) -> TermValue:
+    def compute(self, ctx: LossContext) -> torch.Tensor | TermValue:
         if self.spec.topk is not None:
             return self._topk(ctx)
-        return TermValue(self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx))
+        return self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx)
 
     def _topk(self, ctx: LossContext) -> TermValue:
         k, mode, beta, temperature = self.spec.topk, self.spec.missing_mass, self.beta, self.temperature

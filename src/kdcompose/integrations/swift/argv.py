@@ -46,7 +46,7 @@ OWN_FLAGS: dict[str, str] = {
     "visual_kd": "custom.visual_kd",
 }
 """kdcompose's flags and the dotted config path the composition resolver reports them under."""
-KNOB_FLAGS: tuple[str, ...] = ("beta", "temperature", "sft_alpha")
+KNOB_FLAGS: tuple[str, ...] = ("beta", "temperature", "sft_alpha", "gkd_logits_topk")
 SOURCE = "swift rlhf command line"
 
 

@@ -1,0 +1,198 @@
+"""Where each teacher of a run comes from: the config side (no ms-swift, no model).
+
+A run has a *default* teacher (name `""`) and optionally *named* teachers:
+
+* default: the local `teacher_model` (ms-swift loads it), or a top-K cache
+  (`rlhf.teacher_cache: DIR`, then no teacher model is loaded at all), or ms-swift's
+  `teacher_model_server` (one URL or its JSON list routed by `teacher_tag_key`);
+* named: `rlhf.teachers: {NAME: {server: URL} | {cache: DIR}}`, read by top-k terms with
+  `teacher: NAME`.
+
+Caches and servers hand over only top-K log-probabilities, so every active term that reads
+such a teacher must be a top-k term; anything that needs the teacher's full logits, hidden
+states or module outputs needs a local teacher. These checks run when the config is loaded,
+naming the key and the fix, before any model exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kdcompose.errors import ConfigIssue
+
+TEACHER_CACHE_PATH = "rlhf.teacher_cache"
+TEACHERS_PATH = "rlhf.teachers"
+SERVER_PATH = "rlhf.teacher_model_server"
+DEFAULT = ""
+"""The name of the default teacher in `TermNeeds.teacher_topk` / `LossContext.teacher_topk`."""
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """One non-local teacher: a top-K cache directory or a server URL."""
+
+    name: str
+    kind: Literal["cache", "server"]
+    location: str
+    origin: str
+    """The dotted YAML path it was declared at."""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "kind": self.kind, "location": self.location, "origin": self.origin}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, str]) -> TeacherSource:
+        return cls(data["name"], data["kind"], data["location"], data["origin"])  # type: ignore[arg-type]
+
+
+def parse_sources(
+    teacher_cache: Any,
+    teachers: Any,
+    swift_args: Mapping[str, Any],
+    paths: Mapping[str, str],
+    issues: list[ConfigIssue],
+) -> dict[str, TeacherSource]:
+    """The non-local teachers of a config by name (`""` = the default); problems into `issues`."""
+    sources: dict[str, TeacherSource] = {}
+    server = swift_args.get("teacher_model_server")
+    server_path = paths.get("teacher_model_server", SERVER_PATH)
+    if teacher_cache is not None:
+        if not isinstance(teacher_cache, str) or not teacher_cache:
+            issues.append(
+                ConfigIssue(TEACHER_CACHE_PATH, "must be the directory `kdcompose teacher-cache` wrote")
+            )
+        elif server is not None:
+            issues.append(
+                ConfigIssue(
+                    TEACHER_CACHE_PATH,
+                    f"the default teacher is either a cache or a server, not both ({server_path} is set "
+                    "too); "
+                    f"name one of them under {TEACHERS_PATH} instead",
+                )
+            )
+        else:
+            sources[DEFAULT] = TeacherSource(DEFAULT, "cache", teacher_cache, TEACHER_CACHE_PATH)
+    elif server is not None:
+        sources[DEFAULT] = TeacherSource(DEFAULT, "server", str(server), server_path)
+    if teachers is None:
+        return sources
+    if not isinstance(teachers, Mapping):
+        issues.append(
+            ConfigIssue(TEACHERS_PATH, "must map teacher names to `{server: URL}` or `{cache: DIR}`")
+        )
+        return sources
+    for name, spec in teachers.items():
+        path = f"{TEACHERS_PATH}.{name}"
+        if not isinstance(name, str) or not name.isidentifier():
+            issues.append(ConfigIssue(path, "a teacher name must be an identifier (letters, digits, _)"))
+            continue
+        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in ("server", "cache"):
+            issues.append(
+                ConfigIssue(
+                    path,
+                    "must be exactly one of `{server: URL}` (kdcompose serve-teacher, swift deploy) "
+                    "or `{cache: DIR}` (kdcompose teacher-cache)",
+                )
+            )
+            continue
+        kind, location = next(iter(spec.items()))
+        if not isinstance(location, str) or not location:
+            issues.append(
+                ConfigIssue(f"{path}.{kind}", f"must be a {'URL' if kind == 'server' else 'directory'}")
+            )
+            continue
+        if kind == "server" and not location.startswith(("http://", "https://")):
+            issues.append(ConfigIssue(f"{path}.server", f"must be an http(s) URL, got {location!r}"))
+            continue
+        sources[name] = TeacherSource(name, kind, location, f"{path}.{kind}")
+    return sources
+
+
+def source_issues(
+    sources: Mapping[str, TeacherSource],
+    composer: Any,
+    swift_args: Mapping[str, Any],
+    paths: Mapping[str, str],
+) -> list[ConfigIssue]:
+    """What the active terms and ms-swift settings ask of the teachers that they cannot give."""
+    issues: list[ConfigIssue] = []
+    known = set(sources) | {DEFAULT}
+    remote = frozenset(sources)
+    for term in composer.active_terms:
+        needs = term.needs
+        for name in sorted(needs.topk_teachers - known):
+            issues.append(
+                ConfigIssue(
+                    f"{term.origin}.teacher",
+                    f"no teacher named {name!r}; declare it under {TEACHERS_PATH}.{name} as "
+                    "`{server: URL}` or "
+                    f"`{{cache: DIR}}` (declared: {', '.join(sorted(set(sources) - {DEFAULT})) or 'none'})",
+                )
+            )
+        if DEFAULT in sources and needs.served(remote).teacher:
+            source = sources[DEFAULT]
+            issues.append(
+                ConfigIssue(
+                    term.origin,
+                    "needs the teacher model itself (its full logits, hidden states or module outputs), "
+                    "but the "
+                    f"default teacher is a {source.kind} ({source.origin}), which hands over only top-K "
+                    "log-probabilities: give this term weight 0, use `topk: K` on lm_jsd, or train with a "
+                    "local "
+                    "`teacher_model`",
+                )
+            )
+    cache = sources.get(DEFAULT)
+    if cache is not None and cache.kind == "cache":
+        lmbda = swift_args.get("lmbda")
+        if isinstance(lmbda, (int, float)) and not isinstance(lmbda, bool) and lmbda > 0:
+            issues.append(
+                ConfigIssue(
+                    paths.get("lmbda", "rlhf.lmbda"),
+                    f"lmbda {lmbda:g} makes the student generate completions during training, which a "
+                    "cache made "
+                    f"before training cannot hold: set `lmbda: 0` to train from {TEACHER_CACHE_PATH}, or "
+                    "use a "
+                    "teacher model or server for on-policy distillation",
+                )
+            )
+    for _, source in sorted(sources.items()):
+        if source.kind != "cache":
+            continue
+        issues += cache_manifest_issues(source, composer)
+    return issues
+
+
+def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIssue]:
+    """A missing cache, or top-k terms asking for more tokens than it holds (read from its manifest)."""
+    manifest_path = Path(source.location) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [
+            ConfigIssue(
+                source.origin,
+                f"{source.location!r} is not a teacher cache (no readable manifest.json); build it with "
+                "`kdcompose teacher-cache CONFIG.yaml --out DIR`",
+            )
+        ]
+    cached_k = manifest.get("topk")
+    issues = []
+    for term in composer.active_terms:
+        for request in term.needs.teacher_topk:
+            if request.teacher != source.name or not isinstance(cached_k, int) or request.k <= cached_k:
+                continue
+            issues.append(
+                ConfigIssue(
+                    request.origin or term.origin,
+                    f"asks for the top {request.k} tokens but {source.location} holds {cached_k} per "
+                    "position: "
+                    f"lower it to <= {cached_k}, or rebuild with `kdcompose teacher-cache CONFIG --out DIR "
+                    f"--topk {request.k}`",
+                )
+            )
+    return issues
