@@ -62,7 +62,8 @@ def test_fused_on_a_second_instance_has_its_own_path():
 def test_validate_json_and_schema_show_the_field(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        "rlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n    lm_jsd: {fused: true}\n", encoding="utf-8"
+        "rlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n    lm_jsd: {fused: true}\n",
+        encoding="utf-8",
     )
     run = [sys.executable, "-m", "kdcompose.cli"]
     out = subprocess.run(

@@ -3,7 +3,8 @@
 Layout (DESIGN.md "Contract"): sections `model`, `template`, `data`, `tuner`, `training`,
 `rlhf`, `custom` hold ms-swift argument names; the sections are for readability, so an
 argument may sit in any of them, but the same key in two sections is an error. kdcompose's
-own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight` and `custom.visual_kd`, plus a
+own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight`, `rlhf.teacher_cache`, `rlhf.teachers`
+and `custom.visual_kd`, plus a
 top-level `plugins:` list of modules (or .py files) that register custom terms — the only
 way besides the `kdcompose.terms` entry-point group that a config can bring in code.
 Checking argument names against ms-swift happens in the launcher (it needs ms-swift);
@@ -28,11 +29,18 @@ from kdcompose.legacy import (
     resolve_composition,
 )
 from kdcompose.schema.validation import join_path, path_segment
+from kdcompose.teachers.sources import TeacherSource, parse_sources, source_issues
 from kdcompose.yaml_io import load_yaml_file, parse_yaml
 
 SECTIONS: tuple[str, ...] = ("model", "template", "data", "tuner", "training", "rlhf", "custom")
 PLUGINS_KEY = "plugins"
-OWN_KEYS: dict[str, str] = {"loss_terms": "rlhf", "llm_kd_weight": "rlhf", "visual_kd": "custom"}
+OWN_KEYS: dict[str, str] = {
+    "loss_terms": "rlhf",
+    "llm_kd_weight": "rlhf",
+    "visual_kd": "custom",
+    "teacher_cache": "rlhf",
+    "teachers": "rlhf",
+}
 """kdcompose's own keys and the section each must live in."""
 
 
@@ -47,6 +55,8 @@ class KDConfig:
     """Dotted path of each ms-swift argument, for error messages."""
     knobs: GkdKnobs = field(default_factory=GkdKnobs)
     source: str | None = None
+    teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
+    """Teachers that are caches or servers, by name (`""`: the default teacher)."""
 
     @property
     def llm_kd_weight(self) -> float:
@@ -178,10 +188,20 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     composition = resolve_composition(
         own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
     )
+    teachers = parse_sources(own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues)
+    if composition is not None and not issues:
+        from kdcompose.composer import build_composer
+
+        issues += source_issues(teachers, build_composer(composition), swift_args, arg_paths)
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
     return KDConfig(
-        composition=composition, swift_args=swift_args, arg_paths=arg_paths, knobs=knobs, source=source
+        composition=composition,
+        swift_args=swift_args,
+        arg_paths=arg_paths,
+        knobs=knobs,
+        source=source,
+        teachers=teachers,
     )
 
 

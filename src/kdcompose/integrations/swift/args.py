@@ -20,11 +20,6 @@ from typing import Any
 from kdcompose.errors import ConfigIssue
 
 UNSUPPORTED_SETTINGS: dict[str, str] = {
-    "teacher_model_server": (
-        "a teacher served over an API returns only top-k log-probabilities, while kdcompose's terms need the "
-        "teacher's full logits (and features); load the teacher locally with `teacher_model` instead "
-        "(`offload_teacher_model: true` or `teacher_deepspeed` keep its memory down)"
-    ),
     "use_liger_kernel": (
         "with it ms-swift computes its own fused JSD from hidden states and bypasses the loss composition; "
         "set `use_liger_kernel: false` (`loss_terms.lm_jsd.fused: true` gives the same memory saving: no "
@@ -89,7 +84,7 @@ def unsupported_setting_issues(
 def missing_teacher_issue(
     values: Mapping[str, Any], teacher_terms: Iterable[str], path: str = "rlhf.teacher_model"
 ) -> ConfigIssue | None:
-    """An issue when active terms need a teacher and `teacher_model` is not set."""
+    """An issue when active terms need a local teacher and `teacher_model` is not set."""
     terms = sorted(teacher_terms)
     if not terms or values.get("teacher_model") not in (None, ""):
         return None
@@ -129,6 +124,7 @@ def coerce_to_fields(values: Mapping[str, Any], fields: Mapping[str, dataclasses
     return out
 
 
-def teacher_terms(composer: Any) -> list[str]:
-    """Names of the active terms that need the teacher."""
-    return [t.name for t in composer.active_terms if t.needs.teacher]
+def teacher_terms(composer: Any, remote: frozenset[str] = frozenset()) -> list[str]:
+    """Names of the active terms that need a local teacher model (`remote`: the teachers that
+    are caches or servers, whose top-K needs no model)."""
+    return [t.name for t in composer.active_terms if t.needs.served(remote).teacher]

@@ -48,6 +48,30 @@ def swift_kwargs(config: KDConfig) -> dict[str, Any]:
     check_config(config)
     kwargs = coerce_to_fields(config.swift_args, swift_argument_fields())
     kwargs["rlhf_type"] = "gkd"
+    return teacher_kwargs(config, kwargs)
+
+
+TEACHER_MODEL_ARGS = ("teacher_model", "teacher_model_type", "teacher_model_revision", "teacher_adapters")
+"""ms-swift arguments that make it load a teacher model (dropped when the default teacher is a cache)."""
+
+
+def teacher_kwargs(config: KDConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """ms-swift arguments adjusted to where the default teacher is: with `rlhf.teacher_cache` no
+    teacher model is loaded (its files need not exist); with `teacher_model_server` ms-swift asks
+    the server for as many tokens as the top-k terms of the default teacher read."""
+    source = config.teachers.get("")
+    if source is None:
+        return kwargs
+    if source.kind == "cache":
+        return {k: v for k, v in kwargs.items() if k not in TEACHER_MODEL_ARGS}
+    ks = [
+        r.k
+        for t in build_composer(config.composition).active_terms
+        for r in t.needs.teacher_topk
+        if not r.teacher
+    ]
+    if ks and kwargs.get("gkd_logits_topk") is None:
+        kwargs = {**kwargs, "gkd_logits_topk": max(ks)}
     return kwargs
 
 
@@ -77,11 +101,12 @@ def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
     `training_args` (ms-swift builds those inside `RLHFArguments.__post_init__`)."""
     from swift import RLHFArguments
 
-    from kdcompose.integrations.swift.spec import attach
+    from kdcompose.integrations.swift.spec import TEACHERS_ATTR, attach
 
     args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
-    attach(args, config.composition)
-    attach(args.training_args, config.composition)
+    for target in (args, args.training_args):
+        attach(target, config.composition)
+        setattr(target, TEACHERS_ATTR, {name: source.to_dict() for name, source in config.teachers.items()})
     return args
 
 
@@ -145,13 +170,16 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
     from kdcompose.nonfinite import NonFiniteLossError
+    from kdcompose.teachers.cache import TeacherCacheError
+    from kdcompose.teachers.server_client import TeacherServerError
 
     try:
         run(config)
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=stderr, flush=True)
         return EXIT_INTERRUPTED
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, TeacherServerError, TeacherCacheError) as exc:
+        # A teacher that cannot be reached or read is a fault with a clear cause: say it, no traceback.
         print(f"kdcompose train: {exc}", file=stderr, flush=True)
         return EXIT_FAILED
     except ConfigError as exc:  # found once the models are loaded (trainer checks): still a config problem

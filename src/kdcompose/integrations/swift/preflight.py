@@ -27,7 +27,10 @@ half-built `RLHFArguments`)."""
 
 
 def setting_issues(
-    values: Mapping[str, Any], composer: Any, path_of: Mapping[str, str] | None = None
+    values: Mapping[str, Any],
+    composer: Any,
+    path_of: Mapping[str, str] | None = None,
+    remote: frozenset[str] = frozenset(),
 ) -> list[ConfigIssue]:
     """rlhf_type, unsupported GKD settings and a missing teacher, for ms-swift argument `values`."""
     from kdcompose.integrations.swift.args import (
@@ -47,8 +50,10 @@ def setting_issues(
             )
         )
     issues += unsupported_setting_issues(values, paths)
+    if values.get("teacher_model_server") is not None:
+        remote = remote | {""}
     missing = missing_teacher_issue(
-        values, teacher_terms(composer), path=paths.get("teacher_model", "rlhf.teacher_model")
+        values, teacher_terms(composer, remote), path=paths.get("teacher_model", "rlhf.teacher_model")
     )
     if missing is not None:
         issues.append(missing)
@@ -64,7 +69,9 @@ def config_issues(config: Any) -> list[ConfigIssue]:
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_fields(), paths)
-    issues += setting_issues(config.swift_args, build_composer(config.composition), paths)
+    issues += setting_issues(
+        config.swift_args, build_composer(config.composition), paths, frozenset(config.teachers)
+    )
     issues += engine_issues(config.swift_args, paths)
     return issues
 

@@ -28,6 +28,8 @@ from kdcompose.legacy import GkdKnobs, parse_gkd_knobs, resolve_composition
 
 LOSS_TERMS_ATTR = "kdcompose_loss_terms"
 LLM_KD_WEIGHT_ATTR = "llm_kd_weight"
+TEACHERS_ATTR = "kdcompose_teachers"
+"""The run's cache / server teachers by name (`TeacherSource.to_dict()`), as `kdcompose train` attaches."""
 
 _plugin_composition: Composition | None = None
 
@@ -52,10 +54,17 @@ def from_loss_terms(loss_terms: Mapping[str, Any], source: str | None = None) ->
     return composition
 
 
-def stock_composition(beta: Any, temperature: Any, sft_alpha: Any) -> Composition:
+def stock_composition(
+    beta: Any, temperature: Any, sft_alpha: Any, gkd_logits_topk: Any = None
+) -> Composition:
     """ms-swift's own GKD loss for these argument values (no kdcompose field set)."""
     issues: list[ConfigIssue] = []
-    values = {"beta": beta, "temperature": temperature, "sft_alpha": sft_alpha}
+    values = {
+        "beta": beta,
+        "temperature": temperature,
+        "sft_alpha": sft_alpha,
+        "gkd_logits_topk": gkd_logits_topk,
+    }
     knobs = parse_gkd_knobs(values, {k: k for k in values}, issues)
     composition = resolve_composition(None, None, None, knobs, issues)
     if issues or composition is None:
@@ -81,7 +90,7 @@ def take_plugin_composition() -> Composition | None:
     return parked
 
 
-def composition_for(training_args: Any) -> tuple[Composition, str]:
+def composition_for(training_args: Any, gkd_logits_topk: int | None = None) -> tuple[Composition, str]:
     """The composition the trainer must optimise, and where it came from (for the log)."""
     attached = getattr(training_args, LOSS_TERMS_ATTR, None)
     parked = take_plugin_composition()
@@ -95,5 +104,6 @@ def composition_for(training_args: Any) -> tuple[Composition, str]:
         getattr(training_args, "beta", None),
         getattr(training_args, "temperature", None),
         getattr(training_args, "sft_alpha", None),
+        gkd_logits_topk,
     )
     return composition, "ms-swift's GKD arguments (no kdcompose keys given)"

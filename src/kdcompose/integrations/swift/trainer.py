@@ -45,9 +45,15 @@ from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: 
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
 from kdcompose.integrations.swift.loop import LoopMixin  # noqa: E402
-from kdcompose.integrations.swift.spec import LLM_KD_WEIGHT_ATTR, composition_for  # noqa: E402
+from kdcompose.integrations.swift.run_teachers import RunTeachers, trim_like_logits  # noqa: E402
+from kdcompose.integrations.swift.spec import (  # noqa: E402
+    LLM_KD_WEIGHT_ATTR,
+    TEACHERS_ATTR,
+    composition_for,
+)
 from kdcompose.legacy import legacy_llm_kd_weight  # noqa: E402
 from kdcompose.taps import ModuleTaps, capture  # noqa: E402
+from kdcompose.teachers.sources import DEFAULT, TeacherSource  # noqa: E402
 from kdcompose.terms.base import LossContext, Tap  # noqa: E402
 
 logger = get_logger()
@@ -63,12 +69,17 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
     def __init__(self, model: Any = None, *args: Any, kd_composer: LossComposer | None = None, **kwargs: Any):
         _reject_unsupported(kwargs)
+        if kwargs.get("teacher_model_server") is not None:
+            from kdcompose.teachers.server_client import install_vllm_free_teacher_client
+
+            install_vllm_free_teacher_client()  # ms-swift's own client needs vLLM; same protocol without it
+        self._kd_teachers: RunTeachers | None = None
         super().__init__(model, *args, **kwargs)
         self._vocab_size = _tokenizer_size(self.template)
         self._student_recorder = self._teacher_recorder = None
         self._feature_projectors: dict[str, torch.nn.Module] = {}
         if kd_composer is None:
-            composition, origin = composition_for(self.args)
+            composition, origin = composition_for(self.args, self.gkd_logits_topk)
             kd_composer = build_composer(composition)
         else:
             origin = "the kd_composer argument"
@@ -81,8 +92,11 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         """Train with `composer` from now on: checks it against this trainer (teacher, vocab,
         feature modules) and re-hooks the feature targets it needs."""
         previous = getattr(self, "kd_composer", None), getattr(self, "_kd_needs", None)
+        sources = self._kd_teacher_sources()
+        composer.remote_teachers = frozenset(sources)
         self.kd_composer, self._kd_needs = composer, composer.needs
         try:
+            self._kd_teachers = RunTeachers(sources, composer, self.template) if sources else None
             self._check_needs_supported()
             self._check_teacher()
             self._check_no_opsd_columns()
@@ -99,6 +113,25 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         )
         self._kd_split: tuple[LossComposer, LossComposer] | None = None
         setattr(self.args, LLM_KD_WEIGHT_ATTR, legacy_llm_kd_weight(composer.active_terms))
+
+    def _kd_teacher_sources(self) -> dict[str, TeacherSource]:
+        """The run's cache / server teachers: as `kdcompose train` attached them, plus ms-swift's
+        own `teacher_model_server` as the default teacher (the plugin route)."""
+        attached = getattr(self.args, TEACHERS_ATTR, None) or {}
+        sources = {name: TeacherSource.from_dict(data) for name, data in attached.items()}
+        server = getattr(self, "teacher_model_server", None)
+        if getattr(self, "use_teacher_api", False) and DEFAULT not in sources and server is not None:
+            sources[DEFAULT] = TeacherSource(DEFAULT, "server", str(server), "teacher_model_server")
+        return sources
+
+    def _prepare_batch_inputs(self, samples: list[Any]) -> list[dict[str, Any]]:
+        """ms-swift's encoding of a generation batch, plus the top-K of the named servers that a
+        term reads at this step (each rank asks for its own samples)."""
+        chunks = super()._prepare_batch_inputs(samples)
+        if self._kd_teachers is not None and self._kd_teachers.servers:
+            live = self._needs_at(int(self.state.global_step)).topk_teachers
+            self._kd_teachers.prepare_named(chunks, self.split_by_mini_batches(samples), self.template, live)
+        return chunks
 
     def _close_recorders(self) -> None:
         for recorder in self._recorders():
@@ -250,12 +283,20 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         self._kd_prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
         # Module taps see the whole sequence even where logits_to_keep trims the logits below.
         sequence = (torch.roll(model_inputs["labels"], shifts=-1, dims=1), model_inputs.get("attention_mask"))
+        teacher_topk = {}
+        if self._kd_teachers is not None and needs.topk_teachers:
+            teacher_topk = self._kd_teachers.batch_topk(inputs, model_inputs, needs.topk_teachers)
 
         # As ms-swift: trim each forward to its completion region; each side keeps its own labels.
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
             self.prepare_logits_to_keep(model_inputs)
             if needs.teacher_language_model:
                 self.prepare_logits_to_keep(teacher_inputs)
+            keep = model_inputs.get("logits_to_keep")
+            teacher_topk = {
+                n: (trim_like_logits(lp, keep), trim_like_logits(ix, keep))
+                for n, (lp, ix) in teacher_topk.items()
+            }
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
         with (
@@ -281,6 +322,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             step,
             heads=(student_head, teacher_head),
             sequence=sequence,
+            teacher_topk=teacher_topk,
         )
         loss = self._kd_record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
         return (loss, outputs_student) if return_outputs else loss
@@ -358,6 +400,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         step: int,
         heads: tuple[LmHeadTap, LmHeadTap] = (LmHeadTap(), LmHeadTap()),
         sequence: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        teacher_topk: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> CompositionOutput:
         # ms-swift's alignment (GKDTrainer._compute_jsd_loss): logits at i predict labels[i + 1].
         labels = torch.roll(model_inputs["labels"], shifts=-1, dims=1)
@@ -373,6 +416,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             taps=taps,
             sequence_labels=sequence[0],
             attention_mask=sequence[1],
+            teacher_topk=teacher_topk or {},
             student_generated=student_generated,
             has_images=has_images,
             step=step,
