@@ -160,10 +160,16 @@ def source_issues(
                     "teacher model or server for on-policy distillation",
                 )
             )
+    return issues
+
+
+def cache_issues(sources: Mapping[str, TeacherSource], composer: Any) -> list[ConfigIssue]:
+    """Caches that do not exist or hold fewer tokens than their terms read (the preflight's part:
+    it reads the caches' manifests, so a config can be validated before its cache is built)."""
+    issues: list[ConfigIssue] = []
     for _, source in sorted(sources.items()):
-        if source.kind != "cache":
-            continue
-        issues += cache_manifest_issues(source, composer)
+        if source.kind == "cache":
+            issues += cache_manifest_issues(source, composer)
     return issues
 
 

@@ -66,6 +66,7 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     from kdcompose.composer import build_composer
     from kdcompose.integrations.swift.args import swift_argument_fields, unknown_argument_issues
     from kdcompose.integrations.swift.engines import engine_issues
+    from kdcompose.teachers.sources import cache_issues
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_fields(), paths)
@@ -73,6 +74,7 @@ def config_issues(config: Any) -> list[ConfigIssue]:
         config.swift_args, build_composer(config.composition), paths, frozenset(config.teachers)
     )
     issues += engine_issues(config.swift_args, paths)
+    issues += cache_issues(config.teachers, build_composer(config.composition))
     return issues
 
 
