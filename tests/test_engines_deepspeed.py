@@ -10,8 +10,9 @@ Real DeepSpeed, real ms-swift, the tiny Qwen2-VL pair, three optimizer steps eac
   not enough for a trainable head: docs/engines.md);
 - runs: ZeRO-3 one process == no DeepSpeed one process, and ZeRO-2 / ZeRO-3 on
   NPROC_PER_NODE=2 == DDP (`use_cpu`, gloo) on two: per-step loss and per-term metrics within 1e-4.
-  Composition: stock lm_jsd (unfused) + ce. (Fused lm_jsd is still refused by the trainer under
-  ZeRO-3 until it calls `call_through_head`; `visual_kd` with a projector is not covered here.)
+  Composition: all three terms -- fused lm_jsd (the loss runs as the LM head's forward, so ZeRO-3
+  gathers the head for it), ce, and visual_kd on the aligner through a trainable linear projector
+  (64 -> 96, part of the student: optimized, and sharded under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ from torch import nn
 from kdcompose.integrations.swift import engines
 from swift_support import kdcompose_command, run_command, sections, step_logs, write_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.swift,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 deepspeed = pytest.importorskip("deepspeed")
 
 STEPS = 3
-KEYS = ("loss", "llm_kd_loss", "sft_loss")
-LOSS_TERMS = {"lm_jsd": {}, "ce": {"weight": 0.3}}
+KEYS = ("loss", "llm_kd_loss", "sft_loss", "vision_kd_loss")
+LOSS_TERMS = {
+    "lm_jsd": {"fused": True},
+    "ce": {"weight": 0.3},
+    "visual_kd": {"weight": 0.5, "aligner": {"distance": "mse", "projector": "linear"}},
+}
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
@@ -44,6 +52,8 @@ def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
         seed=42,
         logging_steps=1,
         rlhf={"loss_terms": LOSS_TERMS},
+        freeze_vit=False,
+        freeze_aligner=False,
         **overrides,
     )
     return write_config(tmp_path / f"{name}.yaml", data), out
