@@ -61,8 +61,9 @@ class KDConfig:
     @property
     def llm_kd_weight(self) -> float:
         """The runtime LM-head KD weight (the `lm_jsd` term's weight; 0 if disabled)."""
-        term = self.composition.term("lm_jsd")
-        return term.weight if term is not None else 0.0
+        from kdcompose.legacy import legacy_llm_kd_weight
+
+        return legacy_llm_kd_weight(self.composition.terms)
 
     @property
     def needs_teacher(self) -> bool:

@@ -169,6 +169,7 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
         return _run_launcher(command, stderr)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
+    from kdcompose.integrations.swift.run_teachers import TeacherResponseShort
     from kdcompose.nonfinite import NonFiniteLossError
     from kdcompose.teachers.cache import TeacherCacheError
     from kdcompose.teachers.server_client import TeacherServerError
@@ -178,7 +179,7 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=stderr, flush=True)
         return EXIT_INTERRUPTED
-    except (NonFiniteLossError, TeacherServerError, TeacherCacheError) as exc:
+    except (NonFiniteLossError, TeacherServerError, TeacherCacheError, TeacherResponseShort) as exc:
         # A teacher that cannot be reached or read is a fault with a clear cause: say it, no traceback.
         print(f"kdcompose train: {exc}", file=stderr, flush=True)
         return EXIT_FAILED

@@ -100,6 +100,7 @@ class RunTeachers:
             for name in wanted:
                 k = self.k[name]
                 parsed = self.servers[name].topk_logprobs(requests, k)
+                _check_lengths(name, self.sources[name].location, parsed, target)
                 out = assemble_teacher_output(
                     parsed,
                     teacher_model_inputs=target,
@@ -140,3 +141,26 @@ def trim_like_logits(tensor: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
         return tensor[:, logits_to_keep.to(tensor.device)]
     n = int(logits_to_keep)
     return tensor[:, -n:] if n > 0 else tensor
+
+
+def _check_lengths(name: str, url: str, parsed: list[Any], target: Mapping[str, Any]) -> None:
+    """A server answer must cover every token of its sample: ms-swift's assembler would quietly
+    use the shorter of the two, training on a misaligned teacher."""
+    mask = target.get("attention_mask")
+    lengths = mask.sum(dim=-1).tolist() if mask is not None else [target["input_ids"].shape[-1]] * len(parsed)
+    for index, ((logprobs, _), length) in enumerate(zip(parsed, lengths, strict=False)):
+        if len(logprobs) < int(length) - 1:  # position 0 has no prediction
+            raise TeacherResponseShort(
+                f"teacher {name!r} ({url}) answered {len(logprobs)} positions for sample {index} of the "
+                f"micro-batch, which has {int(length)} tokens ({int(length) - 1} predicted positions): the "
+                "server encodes prompts differently "
+                "(another template or model?); check `kdcompose serve-teacher --template` against the run's"
+            )
+    if len(parsed) != len(lengths):
+        raise TeacherResponseShort(
+            f"teacher {name!r} ({url}) answered {len(parsed)} samples for a micro-batch of {len(lengths)}"
+        )
+
+
+class TeacherResponseShort(RuntimeError):
+    """A named teacher server answered fewer positions or samples than the micro-batch has."""

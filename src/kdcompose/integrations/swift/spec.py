@@ -24,7 +24,7 @@ from typing import Any
 
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.legacy import GkdKnobs, parse_gkd_knobs, resolve_composition
+from kdcompose.legacy import GkdKnobs, legacy_llm_kd_weight, parse_gkd_knobs, resolve_composition
 
 LOSS_TERMS_ATTR = "kdcompose_loss_terms"
 LLM_KD_WEIGHT_ATTR = "llm_kd_weight"
@@ -35,8 +35,7 @@ _plugin_composition: Composition | None = None
 
 
 def llm_kd_weight(composition: Composition) -> float:
-    term = composition.term("lm_jsd")
-    return term.weight if term is not None else 0.0
+    return legacy_llm_kd_weight(composition.terms)
 
 
 def attach(target: Any, composition: Composition) -> None:
