@@ -72,7 +72,11 @@ class RelationKdTerm(LossTerm):
             student, teacher = ctx.tapped(student_tap)[-1], ctx.tapped(teacher_tap)[-1]
             mask = ctx.attention_mask.bool() if ctx.attention_mask is not None else None
             for row in range(student.shape[0]):
-                keep = mask[row] if mask is not None else slice(None)
+                keep = slice(None)
+                if mask is not None:
+                    # The LM head's input is trimmed to the completion when ms-swift keeps only the
+                    # last logits (`logits_to_keep`): match the mask's suffix to it.
+                    keep = mask[row][-student.shape[1] :]
                 losses.append(_relation_distance(student[row][keep], teacher[row][keep]))
         return torch.stack(losses).mean() if losses else ctx.zero()
 

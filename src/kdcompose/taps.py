@@ -14,12 +14,18 @@ module needs no framework edit. The rules that make the recordings trustworthy:
   YAML key that declared it and the closest module names that do exist.
 * **Calls are counted.** A module that runs several times per forward (shared blocks,
   mergers) records one tensor per call; `Tap.call` picks one.
+* **Projectors run inside the forward, reachable from its outputs.** A feature pair's trainable
+  projector is applied to the student's tensor in the hook, and an exact zero computed from its
+  output is added to the model's logits. DDP (with `find_unused_parameters`, as ms-swift sets it
+  for multimodal models) decides which parameters were used by walking the graph back from the
+  forward's outputs; a projector seen only by the loss would be marked unused there and then get
+  a gradient in backward ("marked ready twice"). The added zero changes no value.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.primitives import connected_zero
 from kdcompose.terms.base import Tap
 
 WRAPPER_PREFIXES: tuple[str, ...] = (
@@ -104,13 +111,28 @@ class HookedModule:
 class ModuleTaps:
     """Records the declared taps of one model (one side) during `recording()`."""
 
-    def __init__(self, model: nn.Module, taps: Iterable[Tap], *, detach: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: Iterable[Tap],
+        *,
+        detach: bool = False,
+        projections: Mapping[Tap, Sequence[str]] | None = None,
+        projector: Callable[[str], nn.Module | None] | None = None,
+    ) -> None:
         """Resolve every tap first (a bad path hooks nothing and raises ConfigError naming
-        each bad tap's YAML key); `detach=True` for the teacher, whose tensors need no graph."""
+        each bad tap's YAML key); `detach=True` for the teacher, whose tensors need no graph.
+        `projections`: for a tap, the feature-pair keys whose projector (`projector(key)`, looked
+        up when the hook runs) maps its tensor, recorded under the key (`projected()`)."""
         self.taps = tuple(sorted(set(taps), key=lambda t: (t.path, t.io, str(t.call), t.children)))
         self._detach = detach
         self._recording = False
         self._records: dict[Tap, list[torch.Tensor]] = {t: [] for t in self.taps}
+        self._projections = {tap: tuple(keys) for tap, keys in (projections or {}).items()}
+        self._projector = projector
+        self._projected: dict[str, list[torch.Tensor]] = {
+            k: [] for keys in self._projections.values() for k in keys
+        }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules: list[tuple[Tap, nn.Module]] = []
         self.hooked: list[HookedModule] = []
@@ -129,6 +151,7 @@ class ModuleTaps:
                 self.hooked.append(HookedModule(tap, f"{name}.{child}" if child else name))
         if issues:
             raise ConfigError(issues, source="kdcompose module taps")
+        self._root = model
         self.open()
 
     def _hook(self, tap: Tap):
@@ -136,6 +159,10 @@ class ModuleTaps:
             if self._recording:
                 tensor = extract_tensor(value, f"tap {tap.describe()}")
                 self._records[tap].append(tensor.detach() if self._detach else tensor)
+                for key in self._projections.get(tap, ()):
+                    module = self._projector(key) if self._projector is not None else None
+                    if module is not None:
+                        self._projected[key].append(module(tensor))
 
         if tap.io == "input":
 
@@ -161,6 +188,8 @@ class ModuleTaps:
                 else:
                     handle = module.register_forward_hook(self._hook(tap))
                 self._handles.append(handle)
+            if self._projections:
+                self._handles.append(self._root.register_forward_hook(self._anchor_projections))
         except Exception:
             self.close()
             raise
@@ -192,8 +221,25 @@ class ModuleTaps:
                 out[tap] = [tensors[index]] if -len(tensors) <= index < len(tensors) else []
         return out
 
+    def _anchor_projections(self, module: nn.Module, args: object, output: object) -> object:
+        """Add an exact zero computed from this forward's projected tensors to its logits, so the
+        projectors are part of the graph the forward returns (see the module docstring)."""
+        if not self._recording:
+            return None
+        tensors = [t for ts in self._projected.values() for t in ts if t.requires_grad]
+        logits = getattr(output, "logits", None)
+        if not tensors or not isinstance(logits, torch.Tensor):
+            return None
+        zero = torch.stack([connected_zero(t) for t in tensors]).sum()
+        output.logits = logits + zero.to(logits.dtype)
+        return output
+
+    def projected(self) -> dict[str, list[torch.Tensor]]:
+        """Projected student tensors by feature-pair key (one per recorded call, every call)."""
+        return {key: list(tensors) for key, tensors in self._projected.items() if tensors}
+
     def clear(self) -> None:
-        for tensors in self._records.values():
+        for tensors in (*self._records.values(), *self._projected.values()):
             tensors.clear()
 
     @property
@@ -213,8 +259,11 @@ class ModuleTaps:
 
 
 @contextmanager
-def capture(recorder: ModuleTaps | None) -> Iterator[dict[Tap, list[torch.Tensor]]]:
-    """What `recorder` records during the block; the dict stays readable after it."""
+def capture(
+    recorder: ModuleTaps | None, projected: dict[str, list[torch.Tensor]] | None = None
+) -> Iterator[dict[Tap, list[torch.Tensor]]]:
+    """What `recorder` records during the block; the dict stays readable after it. Projected
+    tensors go into `projected` when given."""
     captured: dict[Tap, list[torch.Tensor]] = {}
     if recorder is None:
         yield captured
@@ -222,6 +271,8 @@ def capture(recorder: ModuleTaps | None) -> Iterator[dict[Tap, list[torch.Tensor
     with recorder.recording():
         yield captured
         captured.update(recorder.recorded())
+        if projected is not None:
+            projected.update(recorder.projected())
 
 
 def merge_recordings(*recordings: Mapping[Tap, list[torch.Tensor]]) -> dict[Tap, list[torch.Tensor]]:

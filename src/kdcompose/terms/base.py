@@ -216,6 +216,10 @@ class LossContext:
     projectors: Mapping[str, Any] = field(default_factory=dict)
     """Trainable student->teacher width maps by `FeaturePair.key`, for pairs declared with a
     projector (built, trained, saved and resumed by the trainer; kdcompose.projectors)."""
+    projected: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
+    """The student's tensors of a projected pair, already through its projector, by
+    `FeaturePair.key` (the trainer projects inside the model's forward, for DDP); when absent,
+    `compare_features` applies `projectors[key]` itself."""
     step: int = 0
     step_token_denominator: torch.Tensor | None = None
     """`D = N / (R G)` of the current optimizer step for `normalize: global_tokens`

@@ -34,19 +34,24 @@ def compare_features(
     if not student:
         raise ValueError(f"{pair.origin}: nothing was recorded at {pair.student.describe()} in this forward")
     project = ctx.projectors.get(pair.key) if pair.projector is not None else None
-    if pair.projector is not None and project is None:
+    if pair.projector is not None and project is None and pair.key not in ctx.projected:
         raise ValueError(
             f"{pair.origin} asks for `projector: {pair.projector}` but the loss context carries none for "
             f"{pair.key!r}: the ms-swift trainer builds them; in your own loop build them with "
             "kdcompose.projectors.plan_projectors / attach_projectors and pass them as LossContext.projectors"
         )
+    projected = list(ctx.projected.get(pair.key, ())) if pair.projector is not None else []
+    if projected and len(projected) != len(student):
+        raise ValueError(f"{pair.origin}: {len(projected)} projected tensors for {len(student)} recorded")
     distances = []
-    for s, t in zip(student, teacher, strict=True):
+    for index, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if projected:  # already through the projector (inside the forward)
+            s = projected[index]
         if select is not None:
             s, t = select(s, t)
-        if project is not None:
+        if not projected and project is not None:
             s = project(s)
-        elif s.shape[-1] != t.shape[-1]:
+        elif not projected and s.shape[-1] != t.shape[-1]:
             raise FeatureWidthError(
                 f"{pair.origin}: {pair.student.describe()} is {s.shape[-1]} wide but "
                 f"{pair.teacher.describe()} is {t.shape[-1]} wide; set `{pair.origin}.projector: linear`"

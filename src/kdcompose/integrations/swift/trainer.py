@@ -262,7 +262,17 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         """One recorder per side, hooking exactly the active terms' taps. With the LoRA base model
         as teacher both hook the same modules; each records only during its own forward."""
         student_taps, teacher_taps = self._kd_needs.side_taps("student"), self._kd_needs.side_taps("teacher")
-        student = ModuleTaps(self.model, student_taps) if student_taps else None
+        projections: dict[Tap, list[str]] = {}
+        for pair in self._kd_needs.pairs:
+            if pair.projector is not None:
+                projections.setdefault(pair.student, []).append(pair.key)
+        student = (
+            ModuleTaps(
+                self.model, student_taps, projections=projections, projector=self._feature_projectors.get
+            )
+            if student_taps
+            else None
+        )
         if not teacher_taps:
             return student, None
         teacher_model = self.model if self.teacher_model is None else self.teacher_model
@@ -299,8 +309,9 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             }
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
+        projected: dict[str, list[torch.Tensor]] = {}
         with (
-            capture(self._student_recorder) as student_taps,
+            capture(self._student_recorder, projected) as student_taps,
             self._tap_lm_head(model, "student", needs) as student_head,
         ):
             outputs_student = model(**forward_inputs)
@@ -323,6 +334,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             heads=(student_head, teacher_head),
             sequence=sequence,
             teacher_topk=teacher_topk,
+            projected=projected,
         )
         loss = self._kd_record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
         return (loss, outputs_student) if return_outputs else loss
@@ -401,6 +413,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         heads: tuple[LmHeadTap, LmHeadTap] = (LmHeadTap(), LmHeadTap()),
         sequence: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
         teacher_topk: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        projected: Mapping[str, list[torch.Tensor]] | None = None,
     ) -> CompositionOutput:
         # ms-swift's alignment (GKDTrainer._compute_jsd_loss): logits at i predict labels[i + 1].
         labels = torch.roll(model_inputs["labels"], shifts=-1, dims=1)
@@ -417,6 +430,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             sequence_labels=sequence[0],
             attention_mask=sequence[1],
             teacher_topk=teacher_topk or {},
+            projected=projected or {},
             student_generated=student_generated,
             has_images=has_images,
             step=step,
@@ -440,6 +454,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             taps=taps,
             sequence_labels=sequence[0],
             attention_mask=sequence[1],
+            projected=projected or {},
             student_generated=student_generated,
             has_images=has_images,
             step=ctx.step,
