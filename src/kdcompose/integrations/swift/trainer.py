@@ -258,6 +258,10 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             logger.info(f"kdcompose: {plan.origin}: {plan.kind} projector {plan.in_width}->{plan.out_width}")
         return plans
 
+    def _feature_projector(self, key: str) -> torch.nn.Module | None:
+        """The projector of feature pair `key` as attached now (looked up when a hook runs)."""
+        return self._feature_projectors.get(key)
+
     def _build_recorders(self) -> tuple[ModuleTaps | None, ModuleTaps | None]:
         """One recorder per side, hooking exactly the active terms' taps. With the LoRA base model
         as teacher both hook the same modules; each records only during its own forward."""
@@ -267,9 +271,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             if pair.projector is not None:
                 projections.setdefault(pair.student, []).append(pair.key)
         student = (
-            ModuleTaps(
-                self.model, student_taps, projections=projections, projector=self._feature_projectors.get
-            )
+            ModuleTaps(self.model, student_taps, projections=projections, projector=self._feature_projector)
             if student_taps
             else None
         )
