@@ -15,8 +15,10 @@ trainer, student and batches then run three variants of one training step:
 * ``served`` -- ms-swift's `teacher_model_server` path against the served teacher (HTTP on
   127.0.0.1, kdcompose's vLLM-free client), fetched while the generation batch is prepared.
 
-A step is what differs between them plus what they share: ``_prepare_inputs`` (encoding, and the
-served teacher's fetch) + ``compute_loss`` + ``backward`` + ``AdamW.step``. After warm-up, each
+Two timings per step: ``train`` = ``compute_loss`` + ``backward`` + ``AdamW.step`` (the step of
+``bench_step.py``; where the live teacher's forward and the cache read happen), and ``whole`` =
+``_prepare_inputs`` (batch encoding -- the same for all three -- and the served teacher's fetch) +
+``train``. After warm-up, each
 round runs every variant once in a rotated order; a ratio is the median over rounds of the
 per-round ratio. Memory: the teacher's parameter bytes, which a run from a cache or a server does
 not hold at all (its trainer loads no teacher: ``rlhf.teacher_cache`` drops ``teacher_model``),
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
             extra_args=["--torch-dtype", "float32"],
         ) as server:
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            train_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             peaks: dict[str, list[int]] = {v: [] for v in VARIANTS}
             losses: dict[str, float] = {}
             for round_index in range(args.warmup + args.rounds):
@@ -139,19 +142,21 @@ def run(args: argparse.Namespace) -> None:
                     with PeakMemory("cpu") as peak:
                         t0 = time.perf_counter()
                         inputs = trainer._prepare_inputs(batch)
+                        t1 = time.perf_counter()
                         loss = trainer.compute_loss(trainer.model, inputs)
                         loss.backward()
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                        elapsed = time.perf_counter() - t0
+                        t2 = time.perf_counter()
                     if round_index >= args.warmup:
-                        times[variant].append(elapsed)
+                        times[variant].append(t2 - t0)
+                        train_times[variant].append(t2 - t1)
                         peaks[variant].append(peak.extra_bytes)
-                    losses[variant] = float(loss)
+                    losses[variant] = float(loss.detach())
         wall = time.perf_counter() - started
 
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    def ratio(series: dict[str, list[float]], a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(series[a], series[b], strict=True))
 
     mib = 2**20
     print(
@@ -163,20 +168,25 @@ def run(args: argparse.Namespace) -> None:
         f"(+{args.warmup} warm-up)"
     )
     print(
-        "# step = _prepare_inputs + compute_loss + backward + AdamW step; time ratio = median of per-round "
-        "ratios"
+        "# train = compute_loss + backward + AdamW step (bench_step.py's step); whole = _prepare_inputs + "
+        "train"
     )
+    print(
+        "# (_prepare_inputs encodes the batch -- images, template -- and is where a served teacher is asked)"
+    )
+    print("# ratios = median of per-round ratios against live")
     print(f"# teacher parameters a cache/server run does not hold: {teacher_bytes / mib:.1f} MiB")
     print(f"# cache build (kdcompose teacher-cache, float16, 32 samples incl. start-up): {build_s:.1f} s")
     print(
-        "| variant | step time (median s) | vs live | extra peak RSS (median MiB) | teacher params held | "
-        "loss |"
+        "| variant | train s | train vs live | whole step s | whole vs live | extra peak RSS MiB | teacher "
+        "params held | loss |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for v in VARIANTS:
         held = f"{teacher_bytes / mib:.1f} MiB" if v == "live" else "0 (not loaded)"
         print(
-            f"| {v} | {statistics.median(times[v]):.3f} | {1.0 if v == 'live' else ratio(v, 'live'):.2f}x | "
+            f"| {v} | {statistics.median(train_times[v]):.3f} | {ratio(train_times, v, 'live'):.2f}x | "
+            f"{statistics.median(times[v]):.3f} | {ratio(times, v, 'live'):.2f}x | "
             f"{statistics.median(peaks[v]) / mib:.1f} | {held} | {losses[v]:.6f} |"
         )
     print(f"# wall time {wall:.0f} s")

@@ -91,21 +91,15 @@ def _load_entry_points() -> None:
                 _add(ep.name, loaded)
 
 
-def _ensure_builtins() -> None:
-    # Importing the package registers lm_jsd, ce and visual_kd.
-    import kdcompose.terms  # noqa: F401
-
-
 def registered_terms() -> dict[str, type[LossTerm]]:
-    """All registered term types, built-ins and plugins, by key."""
-    _ensure_builtins()
+    """All registered term types, built-ins and plugins, by key. (The built-ins register when
+    the `kdcompose` package is imported: this module imports no term.)"""
     _load_entry_points()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_term_class(key: str) -> type[LossTerm]:
     """Look up a term type; the error lists every registered type."""
-    _ensure_builtins()
     if key not in _REGISTRY:
         _load_entry_points()
     try:

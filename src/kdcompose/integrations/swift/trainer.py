@@ -91,7 +91,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
     def use_composer(self, composer: LossComposer) -> None:
         """Train with `composer` from now on: checks it against this trainer (teacher, vocab,
         feature modules) and re-hooks the feature targets it needs."""
-        previous = getattr(self, "kd_composer", None), getattr(self, "_kd_needs", None)
+        previous = getattr(self, "kd_composer", None), getattr(self, "_kd_needs", None), self._kd_teachers
         sources = self._kd_teacher_sources()
         composer.remote_teachers = frozenset(sources)
         self.kd_composer, self._kd_needs = composer, composer.needs
@@ -104,7 +104,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             projector_plans = self._plan_projectors()
             recorders = self._build_recorders()
         except Exception:
-            self.kd_composer, self._kd_needs = previous
+            self.kd_composer, self._kd_needs, self._kd_teachers = previous
             raise
         self._close_recorders()
         self._student_recorder, self._teacher_recorder = recorders
