@@ -164,3 +164,28 @@ def test_a_term_naming_an_undeclared_teacher_is_refused():
         parse_config({"rlhf": {"loss_terms": {"lm_x": {"type": "lm_jsd", "teacher": "math", "topk": 4}}}})
     assert info.value.paths == ("rlhf.loss_terms.lm_x.teacher",)
     assert "rlhf.teachers.math" in str(info.value)
+
+
+@pytest.mark.swift
+def test_a_server_failure_on_the_main_process_reaches_every_rank_through_the_broadcast():
+    """The main process turns the failure into a value that ms-swift's broadcast hands to every
+    rank, and each rank raises the same error naming the URL -- instead of the main process
+    raising alone while the others wait in the broadcast."""
+    from kdcompose.integrations.swift.trainer import TeacherFetchFailure
+    from kdcompose.teachers.server_client import TeacherServerError, TeacherServerUnavailable
+    from swift_support import shared_trainer
+
+    class DeadClient:
+        def infer(self, *args, **kwargs):
+            raise TeacherServerUnavailable("no answer after 4 tries", "http://127.0.0.1:9")
+
+    trainer = shared_trainer()
+    handle = {"all_requests": [{"messages": []}], "all_counts": [1], "n_local": 1}
+    failure = trainer._infer_teacher_requests(handle, 8, teacher_client=DeadClient())
+    assert isinstance(failure, TeacherFetchFailure) and failure.url == "http://127.0.0.1:9"
+    with pytest.raises(TeacherServerError) as info:
+        trainer._scatter_teacher_parsed(handle, failure)
+    message = str(info.value)
+    assert "http://127.0.0.1:9" in message and "every rank stopped" in message
+    assert "no answer after 4 tries" in message
+    assert trainer._scatter_teacher_parsed(handle, [("lp", "ids")]) == [("lp", "ids")]

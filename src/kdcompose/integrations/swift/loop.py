@@ -234,7 +234,7 @@ class LoopMixin:
         """Ctrl-C: say where training stopped and how to resume (hooks are closed by the caller)."""
         if not self.accelerator.is_main_process:
             return
-        last = _last_checkpoint(self.args.output_dir)
+        last = last_checkpoint(self.args.output_dir)
         where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
         _logger().warning(
             f"kdcompose: training interrupted (Ctrl-C) at global_step {self.state.global_step}/"
@@ -249,11 +249,12 @@ def _distributed() -> bool:
 def _resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
     value = kwargs.get("resume_from_checkpoint", args[0] if args else None)
     if value is True:
-        return _last_checkpoint(trainer.args.output_dir)
+        return last_checkpoint(trainer.args.output_dir)
     return str(value) if value else None
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder under `output_dir`, or None."""
     from transformers.trainer_utils import get_last_checkpoint
 
     try:

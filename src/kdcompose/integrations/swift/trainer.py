@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -44,7 +45,7 @@ from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # no
 from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: E402
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
-from kdcompose.integrations.swift.loop import LoopMixin  # noqa: E402
+from kdcompose.integrations.swift.loop import LoopMixin, last_checkpoint  # noqa: E402
 from kdcompose.integrations.swift.run_teachers import RunTeachers, trim_like_logits  # noqa: E402
 from kdcompose.integrations.swift.spec import (  # noqa: E402
     LLM_KD_WEIGHT_ATTR,
@@ -132,6 +133,38 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             live = self._needs_at(int(self.state.global_step)).topk_teachers
             self._kd_teachers.prepare_named(chunks, self.split_by_mini_batches(samples), self.template, live)
         return chunks
+
+    def _infer_teacher_requests(self, handle: dict[str, Any], topk: int, teacher_client: Any = None) -> Any:
+        """ms-swift's teacher-server call (main process only). A failure is handed to every rank
+        through ms-swift's own broadcast instead of raised here: raised on the main process alone,
+        the other ranks would wait in that broadcast until the process group times out."""
+        try:
+            return super()._infer_teacher_requests(handle, topk, teacher_client)
+        except Exception as error:  # reported on every rank by _scatter_teacher_parsed
+            url = getattr(error, "url", None) or str(getattr(self, "teacher_model_server", ""))
+            return TeacherFetchFailure(f"{type(error).__name__}: {error}", url)
+
+    def _scatter_teacher_parsed(self, handle: dict[str, Any], parsed_global: Any) -> Any:
+        """ms-swift's broadcast of the teacher's answer and this rank's slice of it (as
+        `RolloutTrainerMixin._scatter_teacher_parsed`); when the main process failed, every rank
+        stops together with one message naming the URL and the checkpoint to resume from."""
+        from accelerate.utils import broadcast_object_list
+
+        from kdcompose.teachers.server_client import TeacherServerError
+
+        container = [parsed_global]
+        broadcast_object_list(container, from_process=0)
+        received = container[0]
+        if isinstance(received, TeacherFetchFailure):
+            last = last_checkpoint(self.args.output_dir)
+            where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+            raise TeacherServerError(
+                f"the teacher server {received.url} failed at global step {self.state.global_step}: "
+                f"{received.message}; every rank stopped; {where}",
+                received.url,
+            )
+        offset = sum(handle["all_counts"][: self.accelerator.process_index])
+        return received[offset : offset + handle["n_local"]]
 
     def _close_recorders(self) -> None:
         for recorder in self._recorders():
@@ -482,6 +515,14 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
 
 # ---------------------------------------------------------------------- helpers (no loss math)
+
+
+@dataclass(frozen=True)
+class TeacherFetchFailure:
+    """What the main process broadcasts instead of the teacher's answer when the server failed."""
+
+    message: str
+    url: str
 
 
 def _reject_unsupported(kwargs: Mapping[str, Any]) -> None:
