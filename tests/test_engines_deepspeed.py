@@ -206,8 +206,10 @@ def test_zero3_fused_jsd_through_the_head_matches_reference(zero3_engine):
 
 @pytest.mark.swift
 def test_zero3_one_process_equals_plain_run(tmp_path):
+    """Student and teacher both under ZeRO-3 (`teacher_deepspeed`): the fused loss reads the
+    teacher's head as its forward saw it gathered (a copy: ZeRO-3 frees the gathered storage)."""
     plain = _train(tmp_path, "plain")
-    zero3 = _train(tmp_path, "zero3", deepspeed="zero3")
+    zero3 = _train(tmp_path, "zero3", deepspeed="zero3", teacher_deepspeed="zero3")
     _assert_same_steps(zero3, plain)
 
 
