@@ -229,7 +229,10 @@ def test_plugins_list_imports_terms_and_failures_name_the_entry(tmp_path):
     assert result.returncode == 2
     assert "plugins.1" in result.stderr and "no_such_module_xyz" in result.stderr
     assert "plugins.0" not in result.stderr
-    cfg.write_text("plugins: [my_terms.py]\nrlhf:\n  loss_terms:\n    fuzz_plugin_term: {weight: 0.5}\n")
+    cfg.write_text(
+        "plugins: [my_terms.py]\nrlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n"
+        "    fuzz_plugin_term: {weight: 0.5}\n"
+    )
     result = subprocess.run(
         [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)],
         capture_output=True,

@@ -56,11 +56,11 @@ def _hooks(*models) -> int:
 def _feature_hooks(trainer) -> int:
     """Hooks on the modules kdcompose's feature recorders hook."""
     modules = [
-        model.get_submodule(hooked.path)
+        model.get_submodule(hooked.name)
         for recorder in trainer._recorders()
         for hooked in recorder.hooked
         for model in (trainer.model, trainer.teacher_model)
-        if _has(model, hooked.path)
+        if _has(model, hooked.name)
     ]
     assert modules, "the run should hook the vision tower"
     return sum(len(m._forward_hooks) for m in modules)
@@ -129,7 +129,7 @@ def test_ctrl_c_mid_loss_leaves_no_hooks_records_or_threads(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 2
     assert _hooks(trainer.model, trainer.teacher_model) <= hooks and _feature_hooks(trainer) == 0
-    assert all(not any(r.features().values()) for r in trainer._recorders())
+    assert all(not any(r.recorded().values()) for r in trainer._recorders())
     assert {t.ident for t in threading.enumerate() if not t.daemon} <= threads
 
 

@@ -80,7 +80,7 @@ class _Watch(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         for recorder in self.trainer._recorders():
-            self.leftover_records += sum(len(v) for v in recorder.features().values())
+            self.leftover_records += sum(len(v) for v in recorder.recorded().values())
         if state.global_step % 25 == 0:
             gc.collect()
             self.rss_mb[state.global_step] = psutil.Process().memory_info().rss / 2**20
@@ -97,7 +97,7 @@ def _recorder_hooks(trainer) -> int:
         for hooked in recorder.hooked:
             for model in (trainer.model, trainer.teacher_model):
                 try:
-                    count += len(model.get_submodule(hooked.path)._forward_hooks)
+                    count += len(model.get_submodule(hooked.name)._forward_hooks)
                 except AttributeError:
                     continue
     return count

@@ -414,7 +414,7 @@ def test_formula_shows_the_schedule():
 def test_validate_prints_a_schedule_column_and_json_keeps_its_keys(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        "rlhf:\n  loss_terms:\n    ce:\n      weight: 0.5\n"
+        "rlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n    ce:\n      weight: 0.5\n"
         "      schedule: {kind: linear, start: 1, end: 0, total_steps: 1000}\n"
     )
     run = [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)]

@@ -103,7 +103,7 @@ def _negative_llm_kd_weight(data):
         (_key_in_two_sections, ["max_length", "also set at"]),
         (_no_teacher, ["rlhf.teacher_model", "lm_jsd", "need a teacher"]),
         (_wrong_rlhf_type, ["rlhf.rlhf_type", "gkd"]),
-        (_teacher_api, ["rlhf.teacher_model_server", "not supported"]),
+        (_teacher_api, ["rlhf.loss_terms.lm_jsd", "top-K", "topk: K"]),
         (_topk, ["rlhf.gkd_logits_topk", "conflicts with rlhf.loss_terms.lm_jsd.topk"]),
         (_negative_llm_kd_weight, ["rlhf.llm_kd_weight"]),
     ],
@@ -126,12 +126,12 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, edit, expected):
 def test_every_problem_is_reported_at_once(tmp_path):
     data = _bad(tmp_path)
     _unknown_key(data)
-    _topk(data)
+    data["training"]["use_liger_kernel"] = True
     _no_teacher(data)
     code, _, err = _train_in_process(write_config(tmp_path / "bad.yaml", data))
     assert code == 2
     assert "(3 problems)" in err
-    assert all(p in err for p in ("training.learning_rat", "rlhf.gkd_logits_topk", "rlhf.teacher_model"))
+    assert all(p in err for p in ("training.learning_rat", "training.use_liger_kernel", "rlhf.teacher_model"))
 
 
 def test_cli_exit_code_and_message_without_traceback(tmp_path):

@@ -226,21 +226,6 @@ def test_metrics_average_over_micro_batches_like_the_loss(trainer, dataset_input
 # ----------------------------------------------------------------------- what it refuses
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "named"),
-    [
-        ({"gkd_logits_topk": 20}, "gkd_logits_topk"),
-        ({"teacher_model_server": "http://127.0.0.1:8000"}, "teacher_model_server"),
-    ],
-)
-def test_unsupported_swift_features_fail_at_construction(trainer, kwargs, named):
-    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
-
-    with pytest.raises(ConfigError) as info:
-        KDComposeGKDTrainer(trainer.model, args=trainer.args, **kwargs)
-    assert f"{named}: `{named}` is not supported" in str(info.value)
-
-
 def test_liger_kernel_fails_at_construction(trainer):
     from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
 

@@ -94,8 +94,8 @@ class LmJsdTerm(LossTerm):
         issues = super().config_issues()
         spec, origin = self.spec, self.origin
         if spec.topk is None:
-            for key in ("missing_mass", "teacher"):
-                if key in spec.model_fields_set:
+            for key, unset in (("missing_mass", "renorm"), ("teacher", None)):
+                if getattr(spec, key) != unset:
                     issues.append(
                         ConfigIssue(
                             f"{origin}.{key}", f"`{key}` applies to top-K distillation: set `topk: K` too"
