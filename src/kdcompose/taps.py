@@ -162,7 +162,10 @@ class ModuleTaps:
                 for key in self._projections.get(tap, ()):
                     module = self._projector(key) if self._projector is not None else None
                     if module is not None:
-                        self._projected[key].append(module(tensor))
+                        # The projector trains even where the tapped module runs under no_grad
+                        # (ms-swift encodes a frozen vision tower without a graph).
+                        with torch.enable_grad():
+                            self._projected[key].append(module(tensor))
 
         if tap.io == "input":
 
