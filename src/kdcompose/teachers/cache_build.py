@@ -251,12 +251,15 @@ def _existing_keys(directory: Path, manifest: dict[str, Any]) -> set[str]:
     return set(TeacherCache(directory, manifest).keys())
 
 
-def _check_compatible(directory: Path, manifest: Mapping[str, Any]) -> None:
-    """Refuse to add rows to a cache built with other settings (the rows would not mix)."""
+def _check_compatible(directory: Path, manifest: Mapping[str, Any], *, alone: bool = True) -> None:
+    """Refuse to add rows to a cache built with other settings (the rows would not mix).
+
+    `alone=False` (one of several ranks): the other ranks' first shards may appear before the
+    launcher writes the manifest, so shards without a manifest are not a stranger's cache there."""
     try:
         old = read_manifest(directory)
     except Exception:
-        if any(directory.glob(SHARD_GLOB)):
+        if alone and any(directory.glob(SHARD_GLOB)):
             raise ConfigError.single(
                 "--out",
                 f"{directory} holds cache shards but no readable manifest; delete it or choose another --out",
@@ -423,7 +426,7 @@ def build_cache(
         "image_token_id": getattr(template, "image_token_id", None),
         "video_token_id": getattr(template, "video_token_id", None),
     }
-    _check_compatible(directory, manifest)
+    _check_compatible(directory, manifest, alone=world_size == 1)
     key_ids = {
         name: int(manifest[name])
         for name in ("image_token_id", "video_token_id")
