@@ -1,4 +1,4 @@
-"""Exact resume under DeepSpeed: `kdcompose train` with ZeRO-2 / ZeRO-3 (one process, CPU, gloo),
+"""Exact resume under DeepSpeed: `kdcompose train` with ZeRO-3 (one process, CPU, gloo),
 6 steps uninterrupted vs resumed from checkpoint-3 (DeepSpeed saves and restores its own
 partitioned optimizer state; kdcompose restores the sampler's epoch, the GKD micro-batch counter,
 the projector and its own state). Full fine-tuning with fused lm_jsd, a scheduled ce and visual_kd
@@ -56,7 +56,7 @@ def _train(tmp: Path, name: str, stage: str, **extra) -> dict[int, dict]:
     return {int(str(r["global_step/max_steps"]).split("/")[0]): r for r in step_logs(out)}
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero3"])  # zero2 passed too (measured once); zero3 partitions the most
 def test_a_deepspeed_run_resumes_exactly(tmp_path, stage):
     whole = _train(tmp_path, "whole", stage)
     (checkpoint,) = sorted((tmp_path / "whole").glob(f"**/checkpoint-{SAVE_EVERY}"))
