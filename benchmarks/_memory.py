@@ -21,6 +21,9 @@ import ctypes
 import gc
 import re
 import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -93,3 +96,44 @@ class PeakMemory:
         else:
             peak = _peak_rss_bytes()
         self.extra_bytes = max(0, peak - self.baseline)
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (a no-op on the CPU), so a timer reads what ran."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    extra_bytes: int
+    memory_method: str
+    cold_s: float
+    times: list[float]
+
+    @property
+    def time_s(self) -> float:
+        return min([self.cold_s, *self.times])
+
+
+def measure_step(
+    step: Callable[[], object], grads: list[torch.Tensor], device: str, reps: int
+) -> StepMeasurement:
+    """The extra peak memory of the first (cold) call of `step`, then `reps` timed calls with the
+    gradients of `grads` cleared before each (shared by the loss benchmarks)."""
+    sync(device)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        cold = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        for g in grads:
+            g.grad = None
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return StepMeasurement(memory.extra_bytes, memory.method, cold, times)

@@ -36,7 +36,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +47,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from _memory import PeakMemory  # noqa: E402
+from _memory import measure_step  # noqa: E402
 
 METHODS = ("textbook", "ms-swift", "chunked", "head+chunked", "fused")
 HEAD_METHODS = ("head+chunked", "fused")
@@ -113,11 +112,6 @@ def _build(method: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype
     return step, grads
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_worker(spec: dict) -> dict:
     method, tokens, vocab, hidden = spec["method"], spec["tokens"], spec["vocab"], spec["hidden"]
     dtype, device, reps = DTYPES[spec["dtype"]], spec["device"], spec["reps"]
@@ -131,29 +125,15 @@ def run_worker(spec: dict) -> dict:
     del tiny_step, tiny_grads
 
     step, grads = _build(method, tokens, vocab, hidden, dtype, device)
-    _sync(device)
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        cold = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        for g in grads:
-            g.grad = None
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    measured = measure_step(step, grads, device, reps)
     return {
         "method": method,
         "tokens": tokens,
-        "extra_bytes": memory.extra_bytes,
-        "memory_method": memory.method,
-        "cold_s": cold,
-        "time_s": min([cold, *times]),
-        "times": times,
+        "extra_bytes": measured.extra_bytes,
+        "memory_method": measured.memory_method,
+        "cold_s": measured.cold_s,
+        "time_s": measured.time_s,
+        "times": measured.times,
     }
 
 

@@ -35,7 +35,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +46,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from _memory import PeakMemory  # noqa: E402
+from _memory import measure_step  # noqa: E402
 
 LOGITS_METHODS = ("full", "topk-renorm", "topk-tail")
 HEAD_METHODS = ("head+topk-renorm", "fused-topk-renorm", "head+topk-tail", "fused-topk-tail")
@@ -121,11 +120,6 @@ def _build(method: str, tokens: int, vocab: int, hidden: int, k: int, dtype: tor
     return step, grads
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_worker(spec: dict) -> dict:
     method, tokens, vocab = spec["method"], spec["tokens"], spec["vocab"]
     hidden, k = spec["hidden"], spec["k"]
@@ -139,27 +133,13 @@ def run_worker(spec: dict) -> dict:
     del tiny_step, tiny_grads
 
     step, grads = _build(method, tokens, vocab, hidden, k, dtype, device)
-    _sync(device)
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        cold = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        for g in grads:
-            g.grad = None
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    measured = measure_step(step, grads, device, reps)
     return {
         "method": method,
         "tokens": tokens,
-        "extra_bytes": memory.extra_bytes,
-        "memory_method": memory.method,
-        "time_s": min([cold, *times]),
+        "extra_bytes": measured.extra_bytes,
+        "memory_method": measured.memory_method,
+        "time_s": measured.time_s,
     }
 
 
