@@ -119,45 +119,14 @@ class LmJsdTerm(LossTerm):
     def _topk(self, ctx: LossContext) -> TermValue:
         k, mode, beta, temperature = self.spec.topk, self.spec.missing_mass, self.beta, self.temperature
         given = ctx.teacher_topk.get(self.teacher_name)
-        if given is not None:  # a cache or server: log-probabilities at temperature 1
-            logprobs, ids = given[0][..., :k], given[1][..., :k]
-            mass = topk_mass(logprobs, ctx.labels)
-            if self.spec.fused:
-
-                def given_topk(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-                    s_weight, s_bias = _linear_head(head, "student", self.name)
-                    return fused_linear_topk_generalized_jsd(
-                        hidden,
-                        s_weight,
-                        ctx.labels,
-                        teacher_topk_logprobs=logprobs,
-                        teacher_topk_ids=ids,
-                        beta=beta,
-                        temperature=temperature,
-                        missing_mass=mode,
-                        chunk_size=self.spec.chunk_size,
-                        student_bias=s_bias,
-                    )
-
-                value = call_through_head(ctx.student_lm_head, given_topk, ctx.student_hidden)
-            else:
-                value = topk_generalized_jsd(
-                    self._student_logits(ctx),
-                    logprobs,
-                    ids,
-                    ctx.labels,
-                    beta=beta,
-                    temperature=temperature,
-                    missing_mass=mode,
-                    chunk_size=self.spec.chunk_size,
-                )
-            return TermValue(value, stats={"topk_mass": mass})
-        if self.spec.teacher:
+        if given is None and self.spec.teacher:
             raise ValueError(
                 f"{self.origin}: teacher {self.spec.teacher!r} handed over no top-K distribution for this "
                 "batch (the trainer fills LossContext.teacher_topk from rlhf.teachers)"
             )
-        if self.spec.fused:  # the teacher's top-K taken chunk by chunk from its hidden states
+        if (
+            given is None and self.spec.fused
+        ):  # the teacher's top-K taken chunk by chunk from its hidden states
             t_weight, t_bias = _linear_head(ctx.teacher_lm_head, "teacher", self.name)
 
             def local_topk(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,24 +149,47 @@ class LmJsdTerm(LossTerm):
 
             value, mass = call_through_head(ctx.student_lm_head, local_topk, ctx.student_hidden)
             return TermValue(value, stats={"topk_mass": mass})
-        if ctx.teacher_logits is None:
+        if given is not None:  # a cache or server: log-probabilities at temperature 1
+            logprobs, ids = given[0][..., :k], given[1][..., :k]
+        elif ctx.teacher_logits is None:
             raise ValueError(f"term {self.name!r} needs the teacher's logits or top-K in the loss context")
-        # renorm renormalizes over the K ids (temperature applies to both sides there); tail and
-        # zero read the teacher's full-vocabulary log-probabilities at the training temperature.
-        logprobs, ids = teacher_topk(
-            ctx.teacher_logits, k, temperature=1.0 if mode == "renorm" else temperature
-        )
-        value = topk_generalized_jsd(
-            self._student_logits(ctx),
-            logprobs,
-            ids,
-            ctx.labels,
-            beta=beta,
-            temperature=temperature,
-            missing_mass=mode,
-            chunk_size=self.spec.chunk_size,
-        )
-        return TermValue(value, stats={"topk_mass": topk_mass(logprobs, ctx.labels)})
+        else:
+            # renorm renormalizes over the K ids (temperature applies to both sides there); tail and
+            # zero read the teacher's full-vocabulary log-probabilities at the training temperature.
+            logprobs, ids = teacher_topk(
+                ctx.teacher_logits, k, temperature=1.0 if mode == "renorm" else temperature
+            )
+        mass = topk_mass(logprobs, ctx.labels)
+        if self.spec.fused:  # given top-K, the student fused: only its logits at the K ids are built
+
+            def given_topk(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+                s_weight, s_bias = _linear_head(head, "student", self.name)
+                return fused_linear_topk_generalized_jsd(
+                    hidden,
+                    s_weight,
+                    ctx.labels,
+                    teacher_topk_logprobs=logprobs,
+                    teacher_topk_ids=ids,
+                    beta=beta,
+                    temperature=temperature,
+                    missing_mass=mode,
+                    chunk_size=self.spec.chunk_size,
+                    student_bias=s_bias,
+                )
+
+            value = call_through_head(ctx.student_lm_head, given_topk, ctx.student_hidden)
+        else:
+            value = topk_generalized_jsd(
+                self._student_logits(ctx),
+                logprobs,
+                ids,
+                ctx.labels,
+                beta=beta,
+                temperature=temperature,
+                missing_mass=mode,
+                chunk_size=self.spec.chunk_size,
+            )
+        return TermValue(value, stats={"topk_mass": mass})
 
     def _student_logits(self, ctx: LossContext) -> torch.Tensor:
         if ctx.student_logits is None:
