@@ -16,10 +16,8 @@ naming the key and the fix, before any model exists.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from kdcompose.errors import ConfigIssue
@@ -175,10 +173,11 @@ def cache_issues(sources: Mapping[str, TeacherSource], composer: Any) -> list[Co
 
 def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIssue]:
     """A missing cache, or top-k terms asking for more tokens than it holds (read from its manifest)."""
-    manifest_path = Path(source.location) / "manifest.json"
+    from kdcompose.teachers.cache import TeacherCacheError, read_manifest
+
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_manifest(source.location)
+    except (TeacherCacheError, OSError):
         return [
             ConfigIssue(
                 source.origin,
