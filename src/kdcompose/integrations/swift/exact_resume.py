@@ -50,6 +50,7 @@ import torch
 
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import resume
+from kdcompose.integrations.swift.loop import resume_checkpoint
 
 ALLOW_CHANGES_ENV = "KDCOMPOSE_RESUME_ALLOW_CHANGES"
 """Set to 1 to resume from a checkpoint whose recorded loss composition differs from the config."""
@@ -258,17 +259,6 @@ def _wrap_sampler_factory(trainer: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train start
-
-
-def resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
-    """The checkpoint `trainer.train(*args, **kwargs)` resumes from (None: a fresh run)."""
-    value = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-    if value is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = getattr(trainer.args, "output_dir", None)
-        return get_last_checkpoint(out) if out and os.path.isdir(out) else None
-    return str(value) if value else None
 
 
 def checkpoint_global_step(checkpoint: str | Path) -> int:

@@ -173,7 +173,7 @@ class LoopMixin:
         """At `train()`: check what the loop needs, restore counters, record the composition."""
         self._kd_check_loop_settings()
         self.kd_reset_metrics()
-        checkpoint = _resume_checkpoint(self, args, kwargs)
+        checkpoint = resume_checkpoint(self, args, kwargs)
         guard = self._kd_current_guard()
         guard.skipped_steps = int(resume.read_checkpoint_state(checkpoint).get(SKIPPED_METRIC, 0))
         if not self.accelerator.is_main_process:
@@ -246,7 +246,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+def resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """The checkpoint `trainer.train(*args, **kwargs)` resumes from (None: a fresh run)."""
     value = kwargs.get("resume_from_checkpoint", args[0] if args else None)
     if value is True:
         return last_checkpoint(trainer.args.output_dir)
