@@ -78,9 +78,9 @@ BLOCKS = [block for doc in DOCS for block in yaml_blocks(doc)]
 
 @functools.lru_cache(maxsize=1)
 def swift_fields() -> frozenset[str]:
-    from kdcompose.integrations.swift.args import swift_argument_fields
+    from kdcompose.integrations.swift.arg_names import swift_argument_names
 
-    return frozenset(swift_argument_fields())
+    return swift_argument_names()
 
 
 def _swift_argument_problems(args: dict[str, Any], paths: dict[str, str]) -> list[str]:

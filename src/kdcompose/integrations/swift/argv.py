@@ -139,9 +139,10 @@ def check_arguments(composition: Composition, arguments: Any) -> None:
 
 
 def unknown_flag_issues(remaining: Sequence[str]) -> list[ConfigIssue]:
-    from kdcompose.integrations.swift.args import suggest, swift_argument_fields
+    from kdcompose.integrations.swift.arg_names import swift_argument_names
+    from kdcompose.integrations.swift.args import suggest
 
-    known = [*swift_argument_fields(), *OWN_FLAGS]
+    known = [*swift_argument_names(), *OWN_FLAGS]
     issues = []
     for token in remaining:
         if not token.startswith("--"):

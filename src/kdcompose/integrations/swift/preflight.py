@@ -64,12 +64,13 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     """Everything the preflight finds in a loaded `KDConfig` (imports ms-swift's argument
     classes, loads no model): unknown argument names first, then the settings."""
     from kdcompose.composer import build_composer
-    from kdcompose.integrations.swift.args import swift_argument_fields, unknown_argument_issues
+    from kdcompose.integrations.swift.arg_names import swift_argument_names
+    from kdcompose.integrations.swift.args import unknown_argument_issues
     from kdcompose.integrations.swift.engines import engine_issues
     from kdcompose.teachers.sources import cache_issues
 
     paths = dict(config.arg_paths)
-    issues = unknown_argument_issues(config.swift_args, swift_argument_fields(), paths)
+    issues = unknown_argument_issues(config.swift_args, swift_argument_names(), paths)
     issues += setting_issues(
         config.swift_args, build_composer(config.composition), paths, frozenset(config.teachers)
     )
