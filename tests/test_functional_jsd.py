@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -161,6 +161,12 @@ def test_temperature_is_division_of_both_logits(pair, beta, temperature):
 
 @fast
 @given(logits_pairs(), betas, temperatures, st.integers(1, 8))
+@example(  # once failed a fixed atol of 1e-6: both float32 gradients ~1e-6 off, in opposite ways
+    pair=(torch.tensor([[0.0] * 5, [0.0] * 4 + [8.0]]), torch.tensor([[-6.0] * 5, [0.0] + [-6.0] * 4]), None),
+    beta=1.0,
+    temperature=0.5,
+    chunk=1,
+)
 def test_chunked_equals_unchunked_equals_reference_in_value_and_gradient(pair, beta, temperature, chunk):
     student, teacher, labels = pair
     v_chunk, g_chunk = grad_of(
@@ -170,12 +176,32 @@ def test_chunked_equals_unchunked_equals_reference_in_value_and_gradient(pair, b
         generalized_jsd, student, teacher, labels, beta=beta, temperature=temperature, chunk_size=10_000
     )
     v_ref, g_ref = grad_of(
-        generalized_jsd_reference, student, teacher, labels, beta=beta, temperature=temperature
+        generalized_jsd_reference,
+        student.double(),
+        teacher.double(),
+        labels,
+        beta=beta,
+        temperature=temperature,
     )
     torch.testing.assert_close(v_chunk, v_whole, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(v_chunk, v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_chunk.double(), v_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_chunk, g_whole, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(g_chunk, g_ref, rtol=1e-4, atol=1e-6)
+    # against the float64 oracle: float32 rounding of either implementation is bounded, their
+    # difference with each other is not a property of the kernel
+    torch.testing.assert_close(g_chunk.double(), g_ref, rtol=1e-4, atol=fp32_gradient_atol(pair, temperature))
+
+
+def fp32_gradient_atol(pair, temperature: float) -> float:
+    """How far a float32 gradient of the mean JSD may be from the float64 one: a few float32
+    epsilons of the largest log-probability (scaled logits plus log V), spread over the mean's
+    tokens. Measured
+    (4,000 random cases): the chunked kernel and the float32 textbook formula
+    both stay within 1.5 of these units; a fixed atol of 1e-6 failed for logits 8 vs -6 at T=0.5."""
+    student, teacher, labels = pair
+    tokens = student[..., 0].numel() if labels is None else int((labels != IGNORE).sum())
+    vocab = student.shape[-1]
+    spread = (student.abs().max() + teacher.abs().max()).item() / temperature + math.log(vocab)
+    return 4 * torch.finfo(torch.float32).eps * spread / (max(tokens, 1) * temperature) + 1e-12
 
 
 @fast

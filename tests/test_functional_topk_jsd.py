@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kdcompose.functional import (
@@ -229,6 +229,19 @@ def pad_with_absent(lp, ids, gen, n_pad):
     n_pad=st.integers(0, 3),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
+@example(  # once failed against an oracle fed the unrounded float64 inputs (see below)
+    seed=0,
+    leading=(1,),
+    vocab=15,
+    k_frac=0.5,
+    mode="tail",
+    beta=1.0,
+    temperature=0.5,
+    chunk=None,
+    masked=False,
+    n_pad=0,
+    dtype=torch.float32,
+)
 def test_property_matches_float64_reference(
     seed, leading, vocab, k_frac, mode, beta, temperature, chunk, masked, n_pad, dtype
 ):
@@ -241,10 +254,14 @@ def test_property_matches_float64_reference(
     lp, ids = pad_with_absent(lp, ids, gen, n_pad)
     labels = random_labels(gen, leading) if masked else None
     kwargs = {"beta": beta, "temperature": temperature, "missing_mass": mode}
-    ref_v, ref_g = value_and_grad(topk_generalized_jsd_reference, student, lp, ids, labels, **kwargs)
-    v, g = value_and_grad(
-        topk_generalized_jsd, student.to(dtype), lp.to(dtype), ids, labels, chunk_size=chunk, **kwargs
+    student, lp = student.to(dtype), lp.to(dtype)
+    # The oracle sees the same (rounded) inputs in float64: a float32 teacher log-prob already
+    # carries eps-relative error, which `tail` amplifies by 1 / tail mass; that is the input's
+    # rounding, not the kernel's (seen: 7e-6 on a 0.19 gradient with the float64 inputs).
+    ref_v, ref_g = value_and_grad(
+        topk_generalized_jsd_reference, student.double(), lp.double(), ids, labels, **kwargs
     )
+    v, g = value_and_grad(topk_generalized_jsd, student, lp, ids, labels, chunk_size=chunk, **kwargs)
     assert v.dtype == dtype and g.dtype == dtype
     assert torch.isfinite(v) and torch.isfinite(g).all()
     tol = {"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
