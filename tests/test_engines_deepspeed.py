@@ -10,9 +10,11 @@ Real DeepSpeed, real ms-swift, the tiny Qwen2-VL pair, three optimizer steps eac
   not enough for a trainable head: docs/engines.md);
 - runs: ZeRO-3 one process == no DeepSpeed one process, and ZeRO-2 / ZeRO-3 on
   NPROC_PER_NODE=2 == DDP (`use_cpu`, gloo) on two: per-step loss and per-term metrics within 1e-4.
-  Composition: all three terms -- fused lm_jsd (the loss runs as the LM head's forward, so ZeRO-3
-  gathers the head for it), ce, and visual_kd on the aligner through a trainable linear projector
-  (64 -> 96, part of the student: optimized, and sharded under ZeRO-3).
+  Composition: fused lm_jsd (the loss runs as the LM head's forward, so ZeRO-3 gathers the head
+  for it), a fused top-8 lm_jsd, ce, visual_kd on the aligner and hidden_kd on a decoder layer,
+  both through trainable linear projectors (part of the student: optimized, and sharded under
+  ZeRO-3), and a term that goes NaN at step 1 with `on_nonfinite: skip_step`: every run skips
+  that update the same way (weights and optimizer state kept, LR schedule advanced).
 """
 
 from __future__ import annotations
@@ -34,12 +36,21 @@ pytestmark = [
 deepspeed = pytest.importorskip("deepspeed")
 
 STEPS = 3
-KEYS = ("loss", "llm_kd_loss", "sft_loss", "vision_kd_loss")
+SKIPPED = 1
+"""The global_step whose update every run skips (`on_nonfinite: skip_step`)."""
+LAYER_S, LAYER_T = "model.language_model.layers.1", "model.language_model.layers.2"
 LOSS_TERMS = {
     "lm_jsd": {"fused": True},
+    "lm_topk": {"type": "lm_jsd", "weight": 0.2, "topk": 8, "fused": True},
     "ce": {"weight": 0.3},
     "visual_kd": {"weight": 0.5, "aligner": {"distance": "mse", "projector": "linear"}},
+    "hidden_kd": {"weight": 0.5, "pairs": [{"student": LAYER_S, "teacher": LAYER_T, "projector": "linear"}]},
+    # NaN in the value only at one step: the gradients stay finite, so DeepSpeed's own overflow
+    # check cannot see it and only kdcompose's verdict (taken before the engine steps) skips it.
+    "nan": {"type": "nan_probe", "kind": "nan_value", "at_steps": [SKIPPED], "on_nonfinite": "skip_step"},
 }
+KEYS = ("loss", "llm_kd_loss", "lm_topk_loss", "sft_loss", "vision_kd_loss", "hidden_kd_loss")
+PROBE_PLUGIN = str(Path(__file__).with_name("nan_probe_plugin.py"))
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
@@ -55,6 +66,7 @@ def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
         freeze_aligner=False,
         **overrides,
     )
+    data = {"plugins": [PROBE_PLUGIN], **data}
     return write_config(tmp_path / f"{name}.yaml", data), out
 
 
@@ -80,6 +92,11 @@ def _assert_same_steps(a: list[dict], b: list[dict]) -> None:
     for row_a, row_b in zip(a, b, strict=True):
         for key in KEYS:
             assert row_a[key] == pytest.approx(row_b[key], abs=1e-4), (key, row_a, row_b)
+        # the schedule advanced over the skipped step as it does without DeepSpeed
+        rates = ([r["learning_rate"] for r in a], [r["learning_rate"] for r in b])
+        assert row_a["learning_rate"] == pytest.approx(row_b["learning_rate"], rel=1e-6), rates
+    for rows in (a, b):  # the skip happened, once, in both runs (logged from the skipped step on)
+        assert [row["nonfinite_skipped_steps"] for row in rows] == [0, 1, 1], rows
 
 
 # ------------------------------------------------------------------------------- config, env
@@ -91,6 +108,16 @@ def test_deepspeed_with_use_cpu_is_refused(tmp_path):
     result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "training.use_cpu" in result.stderr and "deepspeed" in result.stderr
+
+
+@pytest.mark.swift
+def test_skip_step_without_zero_is_refused_naming_the_term(tmp_path):
+    """ZeRO stage 0 has no overflow-skip path: refused at train start, before any step."""
+    config, out = _config(tmp_path, "zero0", deepspeed="zero0")
+    result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "rlhf.loss_terms.nan.on_nonfinite" in result.stderr and "ZeRO stage 1, 2 or 3" in result.stderr
+    assert "Traceback" not in result.stderr and not step_logs(out)
 
 
 def test_engine_issues_only_for_deepspeed():

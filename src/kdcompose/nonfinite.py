@@ -119,13 +119,9 @@ def error_message(
     *,
     mode: str = "train",
     metric_keys: Mapping[str, str] | None = None,
-    applied: bool = False,
 ) -> str:
-    """The message of the error raised for an offending training step or evaluation.
-
-    `applied`: the update was already applied when the check ran (DeepSpeed steps inside
-    backward), so the message must not promise untouched weights.
-    """
+    """The message of the error raised for an offending training step or evaluation (a
+    training step's is raised before its update is applied, with or without DeepSpeed)."""
     what = describe(offending, metric_keys)
     if mode == "eval":
         return f"non-finite loss during evaluation at global_step {global_step}: {what}"
@@ -133,11 +129,7 @@ def error_message(
         f"at optimizer step {global_step + 1} (global_step {global_step} while it was computed; "
         f"logging.jsonl labels it step {global_step + 1})"
     )
-    state = (
-        "DeepSpeed had already applied this step; resume from the last checkpoint."
-        if applied
-        else "The step was not applied: the weights are those of the previous step."
-    )
+    state = "The step was not applied: the weights are those of the previous step."
     hint = (
         "Set `on_nonfinite: skip_step` on the term to skip such steps instead (counted in "
         "`nonfinite_skipped_steps`), or lower the learning rate / check the data."

@@ -1,16 +1,25 @@
 """`NonFiniteGuard`: stop or skip an optimizer step whose loss terms went NaN/inf.
 
-A transformers `TrainerCallback`, because `on_pre_optimizer_step` is the last moment before
-the optimizer applies the accumulated gradients: there the guard reduces the step's flags
-over ranks (one small all-reduce and one host read per optimizer step; never per
-micro-batch), asks `kdcompose.nonfinite.verdict` what to do, and either
+A transformers `TrainerCallback`. Once per optimizer step, before the update is applied, the
+guard reduces the step's flags over ranks (one small all-reduce and one host read per
+optimizer step; never per micro-batch), asks `kdcompose.nonfinite.verdict` what to do, and
+either
 
-* raises `NonFiniteLossError` naming the term(s) and the step — the weights stay those of
+* raises `NonFiniteLossError` naming the term(s) and the step -- the weights stay those of
   the previous step (default, `on_nonfinite: error`), or
-* drops every gradient (`param.grad = None`), so the optimizer leaves the weights and its
-  state untouched, and counts the step in `nonfinite_skipped_steps` (`skip_step`). The step
-  counter and the learning-rate schedule still advance, as for ms-swift's own NaN-grad-norm
-  skip. Every rank reaches the same verdict, so DDP ranks never diverge.
+* skips the step, so the optimizer leaves the weights and its state untouched, and counts it
+  in `nonfinite_skipped_steps` (`skip_step`). The step counter and the learning-rate schedule
+  still advance, as for ms-swift's own NaN-grad-norm skip. Every rank reaches the same
+  verdict, so ranks never diverge.
+
+When the decision is taken depends on who applies the update:
+
+* the trainer's `optimizer.step()` (no DeepSpeed): in `on_pre_optimizer_step`, the last
+  moment before it; a skip drops every gradient (`param.grad = None`);
+* DeepSpeed, whose engine steps inside accelerate's `backward` of the step's last
+  micro-batch: in `compute_loss` of that micro-batch (`decide_before_engine_step`, called by
+  the trainer), before `backward`; a skip takes DeepSpeed's own overflow path
+  (`deepspeed_skip`), and `on_optimizer_step` advances the LR schedule DeepSpeed left alone.
 
 Evaluation has no optimizer step: the flags of an evaluation are checked when it is logged
 (error: raise; skip_step: the batch counts 0, with a warning). The count of skipped steps is
@@ -28,6 +37,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from kdcompose.composer import CompositionOutput, LossComposer
+from kdcompose.integrations.swift.deepspeed_skip import resume_schedule, skip_next_update
 from kdcompose.integrations.swift.resume import write_checkpoint_state
 from kdcompose.nonfinite import (
     SKIP_STEP,
@@ -51,8 +61,10 @@ class NonFiniteGuard(TrainerCallback):
     ):
         self.device = torch.device(device)
         self.engine_steps_in_backward = engine_steps_in_backward
-        """DeepSpeed applies the update inside `backward`: an error then comes one update late."""
+        """DeepSpeed applies the update inside `backward`: the trainer calls
+        `decide_before_engine_step` instead of the guard deciding in `on_pre_optimizer_step`."""
         self.skipped_steps = 0
+        self._skipping_engine: Any = None
         self.configure(composer)
 
     def configure(self, composer: LossComposer) -> None:
@@ -107,19 +119,33 @@ class NonFiniteGuard(TrainerCallback):
         self.flags.clear()
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.engine_steps_in_backward:
+            return  # decided in compute_loss, before the engine stepped
+        if self._decide(state.global_step):
+            _drop_gradients(_parameters(kwargs.get("model"), kwargs.get("optimizer")))
+
+    def decide_before_engine_step(self, global_step: int, engine: Any) -> None:
+        """Under DeepSpeed, in `compute_loss` of a step's last micro-batch (before `backward`,
+        inside which the engine applies the update): raise, or make the engine skip."""
+        if self._decide(global_step):
+            skip_next_update(engine)
+            self._skipping_engine = engine
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        engine, self._skipping_engine = self._skipping_engine, None
+        if engine is not None:
+            resume_schedule(engine, kwargs.get("lr_scheduler"))
+
+    def _decide(self, global_step: int) -> bool:
+        """Take the train verdict: raise for `error`, count and return True for a skip."""
         result = self.take_verdict("train")
         if result.ok:
-            return
+            return False
         if result.error:
-            message = error_message(
-                result.offending,
-                state.global_step,
-                metric_keys=self.metric_keys,
-                applied=self.engine_steps_in_backward,
-            )
-            raise NonFiniteLossError(message, result.culprits, state.global_step + 1)
+            message = error_message(result.offending, global_step, metric_keys=self.metric_keys)
+            raise NonFiniteLossError(message, result.culprits, global_step + 1)
         self.skipped_steps += 1
-        _drop_gradients(_parameters(kwargs.get("model"), kwargs.get("optimizer")))
+        return True
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the skip count in the checkpoint just saved, for a resumed run to continue it."""

@@ -32,6 +32,7 @@ from transformers.training_args import ParallelMode
 from kdcompose.composer import CompositionOutput, LossComposer
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.integrations.swift import resume
+from kdcompose.integrations.swift.deepspeed_skip import SUPPORTED_STAGES
 from kdcompose.integrations.swift.guard import SKIPPED_METRIC, NonFiniteGuard
 from kdcompose.integrations.swift.metrics import (
     TermWindow,
@@ -114,7 +115,11 @@ class LoopMixin:
         """Flag non-finite terms, record the micro-batch's metrics and return the loss to
         backpropagate: the composed total, or 0 when it is NaN/inf (the guard then stops or
         skips the step; the micro-batch counts 0 in `loss` and in every term alike)."""
-        finite = self._kd_current_guard().observe(output, mode)
+        guard = self._kd_current_guard()
+        finite = guard.observe(output, mode)
+        if mode == "train" and guard.engine_steps_in_backward and self.accelerator.sync_gradients:
+            # DeepSpeed applies the update in this micro-batch's backward: decide now.
+            guard.decide_before_engine_step(int(self.state.global_step), self.deepspeed)
         contributions = zero_where_nonfinite(output.contributions(), finite)
         self._kd_windows[mode].add(contributions, output.effective_weights(), self._kd_weight(mode))
         total = output.total
@@ -207,16 +212,19 @@ class LoopMixin:
                 )
             if getattr(self.template, "sequence_parallel_size", 1) > 1:
                 issues.append(ConfigIssue(path, "global_tokens is not supported with sequence parallelism"))
-        if self.is_deepspeed_enabled:
-            for term in self.kd_composer.active_terms:
-                if term.spec.on_nonfinite == SKIP_STEP:
-                    issues.append(
-                        ConfigIssue(
-                            f"{term.origin}.on_nonfinite",
-                            "skip_step is not supported with DeepSpeed, which applies the update inside "
-                            "backward before the step can be skipped; use error (the default)",
+        if self.is_deepspeed_enabled and self._kd_guard.may_skip:
+            stage = _zero_stage(self.args)
+            if stage not in SUPPORTED_STAGES:
+                for term in self.kd_composer.active_terms:
+                    if term.spec.on_nonfinite == SKIP_STEP:
+                        issues.append(
+                            ConfigIssue(
+                                f"{term.origin}.on_nonfinite",
+                                f"skip_step under DeepSpeed needs ZeRO stage 1, 2 or 3 (this run uses "
+                                f"stage {stage}); use a zero1/zero2/zero3 `deepspeed` config, or "
+                                "on_nonfinite: error",
+                            )
                         )
-                    )
         if _distributed() and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
             issues.append(
                 ConfigIssue(
@@ -240,6 +248,12 @@ class LoopMixin:
             f"kdcompose: training interrupted (Ctrl-C) at global_step {self.state.global_step}/"
             f"{self.state.max_steps}; feature hooks removed; {where}"
         )
+
+
+def _zero_stage(args: Any) -> int:
+    """The ZeRO stage of the run's DeepSpeed config (0 when it sets none)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
 def _distributed() -> bool:
