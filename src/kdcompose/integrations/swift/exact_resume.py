@@ -19,7 +19,9 @@ fixes them here (each one measured on the tiny models, `tests/test_exact_resume.
   generator seeded once (trl/trainer/utils.py:790-797) and has no `set_epoch`, so a run resumed
   in epoch `e > 0` replays epoch 0's order. `EpochReplaySampler` adds `set_epoch`, which
   positions the generator after `e` draws: the same order as the uninterrupted run (and, for a
-  run that is not resumed, the same order as stock).
+  run that is not resumed, the same order as stock). A resumed run's sampler also starts in the
+  checkpoint's epoch, because on several ranks accelerate's skip wrapper does not forward
+  `set_epoch` for the resumed epoch.
 * **The GKD micro-batch counter.** `GKDTrainer._prepare_inputs` (gkd_trainer.py:354-361) picks
   `_buffered_inputs[_step % steps_per_generation]`; `_step` starts at 0 in a resumed run.
   It is restored to the micro-batches already trained, so a checkpoint inside a generation
@@ -40,6 +42,7 @@ turns the refusal into a warning.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +79,8 @@ class ResumePlan:
 
     checkpoint: str
     global_step: int
+    epoch: int = 0
+    """The dataloader epoch the resumed run starts in (`checkpoint_epoch`)."""
     not_exact: list[str] = field(default_factory=list)
     """Why the resumed steps will not equal the uninterrupted run's (each logged as a warning)."""
     composition_changes: list[str] = field(default_factory=list)
@@ -246,13 +251,24 @@ def make_epoch_replayable(sampler: Any) -> Any:
 
 
 def _wrap_sampler_factory(trainer: Any) -> None:
-    """Make the samplers `trainer._get_train_sampler` returns epoch-replayable (once per trainer)."""
+    """Make the samplers `trainer._get_train_sampler` returns epoch-replayable (once per trainer)
+    and, in a resumed run, start them in the epoch the run resumes in.
+
+    Why the start: transformers calls `set_epoch` on the dataloader of the resumed epoch only
+    after wrapping it in accelerate's `skip_first_batches`, and with several processes that
+    wrapper (`SkipBatchSampler` around `BatchSamplerShard`) does not forward `set_epoch` to the
+    sampler: measured on 2 ranks, the resumed steps of that epoch replayed epoch 0's batches.
+    Later epochs use the unwrapped dataloader, which forwards it."""
     factory: Callable[..., Any] = trainer._get_train_sampler
     if getattr(factory, "_kd_epoch_replay", False):
         return
 
     def get_train_sampler(*args: Any, **kwargs: Any) -> Any:
-        return make_epoch_replayable(factory(*args, **kwargs))
+        sampler = make_epoch_replayable(factory(*args, **kwargs))
+        plan = getattr(trainer, "kd_resume_plan", None)
+        if plan is not None and isinstance(sampler, EpochReplaySampler):
+            sampler.set_epoch(plan.epoch)
+        return sampler
 
     get_train_sampler._kd_epoch_replay = True  # type: ignore[attr-defined]
     trainer._get_train_sampler = get_train_sampler
@@ -261,12 +277,22 @@ def _wrap_sampler_factory(trainer: Any) -> None:
 # ---------------------------------------------------------------------------------------------- train start
 
 
-def checkpoint_global_step(checkpoint: str | Path) -> int:
+def _trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     try:
         state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return 0
-    return int(state.get("global_step", 0) or 0)
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def checkpoint_global_step(checkpoint: str | Path) -> int:
+    return int(_trainer_state(checkpoint).get("global_step", 0) or 0)
+
+
+def checkpoint_epoch(checkpoint: str | Path) -> int:
+    """The index of the dataloader epoch the run resumes in: the floor of the checkpoint's
+    fractional `epoch` (`e + trained/steps_in_epoch`, exactly `e + 1` at an epoch's end)."""
+    return math.floor(float(_trainer_state(checkpoint).get("epoch", 0) or 0) + 1e-6)
 
 
 def composition_refusal(checkpoint: str | Path, composer: Any) -> list[str]:
@@ -338,7 +364,7 @@ def begin_train(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) ->
     if not checkpoint:
         return None
     global_step = checkpoint_global_step(checkpoint)
-    plan = ResumePlan(checkpoint=checkpoint, global_step=global_step)
+    plan = ResumePlan(checkpoint=checkpoint, global_step=global_step, epoch=checkpoint_epoch(checkpoint))
     plan.composition_changes = composition_refusal(checkpoint, trainer.kd_composer)
     plan.not_exact = not_exact_reasons(trainer, checkpoint, global_step)
     if hasattr(trainer, "_step") and not trainer._step:
@@ -375,6 +401,7 @@ __all__ = [
     "ResumeError",
     "ResumePlan",
     "begin_train",
+    "checkpoint_epoch",
     "checkpoint_global_step",
     "composition_refusal",
     "full_weight_files",
