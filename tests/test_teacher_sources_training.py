@@ -140,6 +140,56 @@ def test_a_dead_server_url_fails_naming_it_within_the_bounded_wait(tmp):
     assert time.monotonic() - start < 300
 
 
+def plugin_dead_url(line: str) -> bool:
+    """The message names the URL rank 1 was talking to (the plugin's dead port, not the server)."""
+    return "127.0.0.1:" in line and "Connection refused" in line
+
+
+@pytest.mark.swift
+def test_a_named_server_failing_on_one_rank_stops_every_rank_together(tmp, server):
+    """2 ranks (gloo); rank 1's server connection dies at its second fetch
+    (tests/dead_server_on_rank1_plugin.py). Both ranks log the same message naming rank 1 and
+    the dead URL, and both exit with an error: without the ranks comparing notes, rank 0 would
+    go on to its next collective and be killed by the launcher (or, with ranks on other nodes,
+    wait there until the process-group timeout)."""
+    rlhf = {
+        "llm_kd_weight": 0,
+        "teachers": {"served": {"server": server.url}},
+        "loss_terms": {"lm_jsd_served": {"type": "lm_jsd", "teacher": "served", "topk": 8}},
+    }
+    data = sections(
+        tmp / "one_rank",
+        rlhf=rlhf,
+        drop=("teacher_model", "teacher_model_type"),
+        max_steps=STEPS,
+        dataset_size=8,
+        use_cpu=True,
+        ddp_backend="gloo",
+    )
+    plugin = str(Path(__file__).with_name("dead_server_on_rank1_plugin.py"))
+    config = write_config(tmp / "one_rank.yaml", {"plugins": [plugin], **data})
+    env = {
+        **subprocess_env(tmp),
+        "NPROC_PER_NODE": "2",
+        "KDCOMPOSE_TEACHER_SERVER_RETRIES": "2",
+        "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S": "0.1",
+    }
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    start = time.monotonic()
+    result = _run(config, tmp, env)
+    assert result.returncode != 0
+    for rank in (0, 1):  # each rank said it before any exited (the launcher then ends the other)
+        said = [
+            line
+            for line in result.stderr.splitlines()
+            if f"kdcompose [rank {rank}/2]: the teacher server" in line
+        ]
+        assert said and "every rank stopped" in said[0] and "on rank 1" in said[0], result.stderr[-4000:]
+        assert plugin_dead_url(said[0]), said[0]
+    assert time.monotonic() - start < 300
+
+
 def test_an_on_policy_config_with_a_cache_is_refused_naming_lmbda(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config({"rlhf": {"lmbda": 0.5, "gkd_logits_topk": 8, "teacher_cache": str(tmp_path)}})

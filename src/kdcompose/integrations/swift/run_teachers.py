@@ -80,6 +80,13 @@ class RunTeachers:
     def names(self) -> frozenset[str]:
         return frozenset(self.sources)
 
+    def servers_read(self, live: frozenset[str]) -> list[str]:
+        """The named servers a term reads at this step (the same on every rank)."""
+        return [name for name in sorted(self.servers) if name in live]
+
+    def server_urls(self, live: frozenset[str]) -> list[str]:
+        return [self.sources[name].location for name in self.servers_read(live)]
+
     def prepare_named(
         self,
         chunks: list[dict[str, Any]],
@@ -91,7 +98,7 @@ class RunTeachers:
         of a generation batch (ms-swift's request builder and assembler, so positions line up)."""
         from swift.rlhf_trainers.gkd_helpers import assemble_teacher_output, build_teacher_requests
 
-        wanted = [name for name in sorted(self.servers) if name in live]
+        wanted = self.servers_read(live)
         if not wanted:
             return
         for chunk, samples in zip(chunks, chunk_samples, strict=True):

@@ -127,12 +127,55 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
     def _prepare_batch_inputs(self, samples: list[Any]) -> list[dict[str, Any]]:
         """ms-swift's encoding of a generation batch, plus the top-K of the named servers that a
-        term reads at this step (each rank asks for its own samples)."""
+        term reads at this step. Each rank asks for its own samples; then the ranks compare notes
+        (one small all-gather per generation batch), so a failure on any rank stops every rank
+        together, naming the rank and the URL, instead of the others waiting in their next
+        collective (until the process-group timeout when ranks sit on other nodes)."""
         chunks = super()._prepare_batch_inputs(samples)
-        if self._kd_teachers is not None and self._kd_teachers.servers:
-            live = self._needs_at(int(self.state.global_step)).topk_teachers
-            self._kd_teachers.prepare_named(chunks, self.split_by_mini_batches(samples), self.template, live)
+        teachers = self._kd_teachers
+        if teachers is None or not teachers.servers:
+            return chunks
+        live = self._needs_at(int(self.state.global_step)).topk_teachers
+        if not teachers.servers_read(live):
+            return chunks
+        failure = None
+        try:
+            teachers.prepare_named(chunks, self.split_by_mini_batches(samples), self.template, live)
+        except Exception as error:
+            if not _distributed():
+                raise
+            url = getattr(error, "url", None) or ", ".join(teachers.server_urls(live))
+            failure = TeacherFetchFailure(f"{type(error).__name__}: {error}", url)
+        if _distributed():
+            self._kd_stop_if_any_rank_failed(failure)
         return chunks
+
+    def _kd_stop_if_any_rank_failed(self, failure: TeacherFetchFailure | None) -> None:
+        """All-gather each rank's fetch outcome; if any failed, every rank logs the same message,
+        waits for the others to have logged it, and raises it."""
+        import torch.distributed as dist
+        from accelerate.utils import gather_object
+
+        from kdcompose.teachers.server_client import TeacherServerError
+
+        outcomes = gather_object([failure])
+        failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+        if not failed:
+            return
+        rank, first = failed[0]
+        detail = "; ".join(f"rank {r}: {f.message}" for r, f in failed)
+        message = self._kd_teacher_stop_message(first.url, f"on rank {rank}: {detail}")
+        get_logger().error(f"kdcompose [rank {dist.get_rank()}/{dist.get_world_size()}]: {message}")
+        dist.barrier()  # every rank has said it before any exits (the launcher then kills the rest)
+        raise TeacherServerError(message, first.url)
+
+    def _kd_teacher_stop_message(self, url: str, detail: str) -> str:
+        last = last_checkpoint(self.args.output_dir)
+        where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+        return (
+            f"the teacher server {url} failed at global step {self.state.global_step} {detail}; every rank "
+            f"stopped; {where}"
+        )
 
     def _infer_teacher_requests(self, handle: dict[str, Any], topk: int, teacher_client: Any = None) -> Any:
         """ms-swift's teacher-server call (main process only). A failure is handed to every rank
@@ -156,13 +199,8 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         broadcast_object_list(container, from_process=0)
         received = container[0]
         if isinstance(received, TeacherFetchFailure):
-            last = last_checkpoint(self.args.output_dir)
-            where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
-            raise TeacherServerError(
-                f"the teacher server {received.url} failed at global step {self.state.global_step}: "
-                f"{received.message}; every rank stopped; {where}",
-                received.url,
-            )
+            message = self._kd_teacher_stop_message(received.url, f"(main process): {received.message}")
+            raise TeacherServerError(message, received.url)
         offset = sum(handle["all_counts"][: self.accelerator.process_index])
         return received[offset : offset + handle["n_local"]]
 
@@ -515,6 +553,12 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
 
 
 # ---------------------------------------------------------------------- helpers (no loss math)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass(frozen=True)
