@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/bench_teacher_sources.py            # 12 timed rounds; a few minutes on 2 cores
     python benchmarks/bench_teacher_sources.py --rounds 4 # a smoke test
+    python benchmarks/bench_teacher_sources.py --teacher-scale 3  # a teacher 3x deeper and wider
 
 One process builds the tiny Qwen2-VL pair through ms-swift 4.6's RLHF pipeline with the top-8
 `lm_jsd` (`gkd_logits_topk: 8`, dataset completions), builds a float16 top-8 cache of its teacher
@@ -56,10 +57,19 @@ from _memory import PeakMemory  # noqa: E402
 VARIANTS = ("live", "cache", "served")
 
 
-def _config(out: Path) -> dict[str, Any]:
+def _teacher_spec(args: argparse.Namespace) -> dict[str, int] | None:
+    """`--teacher-scale N`: a teacher N times the default tiny teacher's depth and width (real
+    KD pairs a teacher many times the student's size; the default pair is 96 vs 64 wide)."""
+    if args.teacher_scale == 1:
+        return None
+    n = args.teacher_scale
+    return {"hidden_size": 96 * n, "num_layers": 3 * n, "num_heads": 6 * n, "intermediate_size": 192 * n}
+
+
+def _config(out: Path, teacher_spec: dict[str, int] | None) -> dict[str, Any]:
     from kdcompose.testing import tiny_gkd_args
 
-    flat = tiny_gkd_args("qwen2_vl", str(out), gkd_logits_topk=8)
+    flat = tiny_gkd_args("qwen2_vl", str(out), teacher_spec=teacher_spec, gkd_logits_topk=8)
     return {
         "rlhf": {k: flat.pop(k) for k in ("rlhf_type", "lmbda", "beta", "temperature", "gkd_logits_topk")},
         "training": flat,
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcompose-bench-teachers-") as tmp_name:
         tmp = Path(tmp_name)
-        data = _config(tmp / "out")
+        data = _config(tmp / "out", _teacher_spec(args))
         (tmp / "live.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
         cache_dir = tmp / "cache"
         t0 = time.perf_counter()
@@ -175,6 +185,7 @@ def run(args: argparse.Namespace) -> None:
         "# (_prepare_inputs encodes the batch -- images, template -- and is where a served teacher is asked)"
     )
     print("# ratios = median of per-round ratios against live")
+    print(f"# teacher: {args.teacher_scale}x the default tiny teacher's depth and width (--teacher-scale)")
     print(f"# teacher parameters a cache/server run does not hold: {teacher_bytes / mib:.1f} MiB")
     print(f"# cache build (kdcompose teacher-cache, float16, 32 samples incl. start-up): {build_s:.1f} s")
     print(
@@ -198,6 +209,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--teacher-scale", type=int, default=1, help="teacher depth and width multiplier (default 1)"
+    )
     run(parser.parse_args())
 
 
