@@ -2,7 +2,7 @@
 
 Everything is real: tiny local Qwen2-VL models, ms-swift 4.6's pipeline and trainer loop.
 `probe_micro_batches` watches what the trainer recorded per micro-batch (it wraps, does not
-replace, `KDComposeGKDTrainer._kd_record`), so a test can recompute a logged window from the
+replace, `KDLoop.record`), so a test can recompute a logged window from the
 micro-batches independently of the aggregation code under test.
 """
 
@@ -54,27 +54,27 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
 def probe_micro_batches() -> Iterator[list[dict[str, Any]]]:
     """Collect, per micro-batch: mode, global_step, the weighted value of each term that ran
     (`terms`), the total, and the weight the trainer gave the micro-batch."""
-    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
+    from kdcompose.integrations.swift.loop import KDLoop
 
     records: list[dict[str, Any]] = []
-    original = KDComposeGKDTrainer._kd_record
+    original = KDLoop.record
 
     def record(self, output, mode):
         loss = original(self, output, mode)
         records.append(
             {
                 "mode": mode,
-                "global_step": int(self.state.global_step),
+                "global_step": int(self.host.state.global_step),
                 "terms": {r.metric_key: float(r.weighted) for r in output.terms},
                 "raw": {r.metric_key: float(r.raw) for r in output.terms},
                 "loss": float(loss),
-                "weight": self._kd_weight(mode),
+                "weight": self.batch_weight(mode),
             }
         )
         return loss
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KDComposeGKDTrainer, "_kd_record", record)
+        patch.setattr(KDLoop, "record", record)
         yield records
 
 

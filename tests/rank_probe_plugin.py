@@ -20,6 +20,7 @@ from kdcompose.integrations.swift.runtime import prepare_swift_import
 
 prepare_swift_import()
 
+from kdcompose.integrations.swift.loop import KDLoop  # noqa: E402
 from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer  # noqa: E402
 
 PROBE_ENV = "KDCOMPOSE_PROBE_DIR"
@@ -39,7 +40,7 @@ def _install() -> None:
     if getattr(cls, "_rank_probe_installed", False):
         return
     cls._rank_probe_installed = True
-    compute_loss, record, log, train = cls.compute_loss, cls._kd_record, cls.log, cls.train
+    compute_loss, record, log, train = cls.compute_loss, KDLoop.record, cls.log, cls.train
 
     def probed_compute_loss(self, model, inputs, *args, **kwargs):
         model_inputs = inputs["model_inputs"]
@@ -49,12 +50,13 @@ def _install() -> None:
         }
         return compute_loss(self, model, inputs, *args, **kwargs)
 
-    def probed_record(self, output, mode):
+    def probed_record(self, output, mode):  # self: the trainer's KDLoop
         loss = record(self, output, mode)
+        trainer = self.host
         terms = {r.metric_key: float(r.weighted) for r in output.terms}
-        event = {"event": "micro", "mode": mode, "global_step": int(self.state.global_step)}
-        event.update(getattr(self, "_probe_batch", {}), terms=terms, weight=self._kd_weight(mode))
-        _write(self, event)
+        event = {"event": "micro", "mode": mode, "global_step": int(trainer.state.global_step)}
+        event.update(getattr(trainer, "_probe_batch", {}), terms=terms, weight=self.batch_weight(mode))
+        _write(trainer, event)
         return loss
 
     def probed_log(self, logs, *args, **kwargs):
@@ -68,12 +70,8 @@ def _install() -> None:
         _write(self, {"event": "end", "best_metric": self.state.best_metric})
         return result
 
-    cls.compute_loss, cls._kd_record, cls.log, cls.train = (
-        probed_compute_loss,
-        probed_record,
-        probed_log,
-        probed_train,
-    )
+    cls.compute_loss, cls.log, cls.train = probed_compute_loss, probed_log, probed_train
+    KDLoop.record = probed_record
 
 
 _install()

@@ -1,8 +1,9 @@
 """What kdcompose adds around the trainer loop: per micro-batch, per optimizer step, per log.
 
-`LoopMixin` is mixed into `KDComposeGKDTrainer` (before ms-swift's `GKDTrainer`) and keeps
-that class's `compute_loss` to a few calls. Its jobs, each delegating the logic to a pure or
-single-purpose module:
+`KDLoop` is an object the trainer holds (`trainer.kd_loop`), and everything it reads from the
+trainer is declared in `LoopHost`: no other attribute of the trainer is touched. The trainer
+calls it from a few places (`compute_loss`, `log`, `train`), each one line. Its jobs, each
+delegating the logic to a pure or single-purpose module:
 
 * telemetry (`metrics.TermWindow`): record each micro-batch's term contributions with the
   weight the trainer's `loss` gives it, and add the reduced values to each log row;
@@ -10,20 +11,21 @@ single-purpose module:
   current optimizer step, counted once per step from ms-swift's buffered micro-batches and
   summed over ranks;
 * faults (`guard.NonFiniteGuard`): flag NaN/inf per term, mask the micro-batch, decide at
-  the optimizer step; and a clear message when the run is interrupted (Ctrl-C);
+  the optimizer step (under DeepSpeed, before the engine steps); and a clear message when the
+  run is interrupted (Ctrl-C);
 * resume (`resume`): the composition file in the run folder, the counters in checkpoints.
 
-Relies on ms-swift 4.6 / transformers 5.19 internals that are pinned and tested:
-`current_gradient_accumulation_steps`, GKD's `_step` / `_buffered_inputs` micro-batch
-buffer (one generation batch = `steps_per_generation` micro-batches), and that `log` runs on
-every rank.
+Relies on ms-swift 4.6 / transformers 5.19 internals that are pinned and tested, all read
+through `LoopHost`: `current_gradient_accumulation_steps`, GKD's `_step` / `_buffered_inputs`
+micro-batch buffer (one generation batch = `steps_per_generation` micro-batches), and that
+`log` runs on every rank.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -50,40 +52,63 @@ def _logger() -> Any:
     return get_logger()
 
 
-class LoopMixin:
-    """Telemetry, token normalization, non-finite handling and resume state for the trainer."""
+class LoopHost(Protocol):
+    """Everything `KDLoop` reads from the trainer it serves (ms-swift's `GKDTrainer` subclass).
 
+    Optional, read with a default when absent: `current_gradient_accumulation_steps`
+    (transformers' count for the current optimizer step), `_step` and `_buffered_inputs`
+    (ms-swift GKD's micro-batch counter and generation-batch buffer)."""
+
+    args: Any
+    """TrainingArguments: device, output_dir, gradient_accumulation_steps, steps_per_generation,
+    eval_batch_size, parallel_mode, hf_deepspeed_config."""
+    accelerator: Any
+    """sync_gradients, gradient_state, process_index, num_processes, is_main_process."""
+    state: Any
+    """global_step, max_steps."""
+    model: Any
+    """`.training` tells train from eval."""
+    template: Any
+    """`sequence_parallel_size`."""
+    is_deepspeed_enabled: bool
+    deepspeed: Any
+    """The DeepSpeed engine (set by transformers once training starts)."""
     kd_composer: LossComposer
 
-    # ------------------------------------------------------------------ set-up
+    def add_callback(self, callback: Any) -> None: ...
 
-    def _kd_init_loop(self) -> None:
-        """Call once in the trainer's `__init__`, after the base class is built."""
-        self._kd_windows = {"train": TermWindow(), "eval": TermWindow()}
-        self._kd_denominator: torch.Tensor | None = None
-        self._kd_guard = NonFiniteGuard(
-            self.kd_composer, self.args.device, engine_steps_in_backward=bool(self.is_deepspeed_enabled)
+
+class KDLoop:
+    """Telemetry, token normalization, non-finite handling and resume state for one trainer."""
+
+    def __init__(self, host: LoopHost) -> None:
+        """Build once in the trainer's `__init__`, after the base class (needs its args)."""
+        self.host = host
+        self.windows = {"train": TermWindow(), "eval": TermWindow()}
+        self._denominator: torch.Tensor | None = None
+        self._guard = NonFiniteGuard(
+            host.kd_composer, host.args.device, engine_steps_in_backward=bool(host.is_deepspeed_enabled)
         )
-        self._kd_guard_composer = self.kd_composer
-        self.add_callback(self._kd_guard)
+        self._guard_composer = host.kd_composer
+        host.add_callback(self._guard)
 
-    def _kd_current_guard(self) -> NonFiniteGuard:
+    def guard(self) -> NonFiniteGuard:
         """The guard, reconfigured when `use_composer` swapped the composition."""
-        if self._kd_guard_composer is not self.kd_composer:
-            self._kd_guard.configure(self.kd_composer)
-            self._kd_guard_composer = self.kd_composer
-        return self._kd_guard
+        if self._guard_composer is not self.host.kd_composer:
+            self._guard.configure(self.host.kd_composer)
+            self._guard_composer = self.host.kd_composer
+        return self._guard
 
-    def _kd_global_token_terms(self) -> list[str]:
+    def global_token_terms(self) -> list[str]:
         return [
             t.origin
-            for t in self.kd_composer.active_terms
+            for t in self.host.kd_composer.active_terms
             if t.needs.token_mean and t.spec.normalize == GLOBAL_TOKENS
         ]
 
     # ------------------------------------------------------------------ every micro-batch
 
-    def _kd_prepare_step_tokens(self, mode: str, model_inputs: Mapping[str, Any]) -> None:
+    def prepare_step_tokens(self, mode: str, model_inputs: Mapping[str, Any]) -> None:
         """Set the `global_tokens` denominator for this micro-batch (None when no active term
         asks for it, and in evaluation, where each batch is its own step).
 
@@ -91,113 +116,113 @@ class LoopMixin:
         micro-batches (ms-swift encodes the whole generation batch up front), then summed over
         ranks: one all-reduce per optimizer step, no host sync.
         """
-        if mode != "train" or not self._kd_global_token_terms():
-            self._kd_denominator = None
+        if mode != "train" or not self.global_token_terms():
+            self._denominator = None
             return
-        accumulation = self._kd_accumulation_steps()
-        per_generation = int(getattr(self.args, "steps_per_generation", None) or accumulation)
-        micro = (int(getattr(self, "_step", 1)) - 1) % per_generation
-        if micro % accumulation == 0 or self._kd_denominator is None:
+        accumulation = self.accumulation_steps()
+        per_generation = int(getattr(self.host.args, "steps_per_generation", None) or accumulation)
+        micro = (int(getattr(self.host, "_step", 1)) - 1) % per_generation
+        if micro % accumulation == 0 or self._denominator is None:
             first = micro - micro % accumulation
-            buffered = getattr(self, "_buffered_inputs", None) or []
+            buffered = getattr(self.host, "_buffered_inputs", None) or []
             chunks = [c["model_inputs"] for c in buffered[first : first + accumulation]] or [model_inputs]
             local = torch.stack([valid_token_count(c["labels"]) for c in chunks]).sum()
             if _distributed():
                 dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            world = int(self.accelerator.num_processes)
-            self._kd_denominator = step_token_denominator(local, world, accumulation)
+            world = int(self.host.accelerator.num_processes)
+            self._denominator = step_token_denominator(local, world, accumulation)
 
-    def _kd_step_denominator(self) -> torch.Tensor | None:
+    def step_denominator(self) -> torch.Tensor | None:
         """`LossContext.step_token_denominator` for this micro-batch (None: micro-batch means)."""
-        return self._kd_denominator
+        return self._denominator
 
-    def _kd_record(self, output: CompositionOutput, mode: str) -> torch.Tensor:
+    def record(self, output: CompositionOutput, mode: str) -> torch.Tensor:
         """Flag non-finite terms, record the micro-batch's metrics and return the loss to
         backpropagate: the composed total, or 0 when it is NaN/inf (the guard then stops or
         skips the step; the micro-batch counts 0 in `loss` and in every term alike)."""
-        guard = self._kd_current_guard()
+        guard = self.guard()
         finite = guard.observe(output, mode)
-        if mode == "train" and guard.engine_steps_in_backward and self.accelerator.sync_gradients:
+        if mode == "train" and guard.engine_steps_in_backward and self.host.accelerator.sync_gradients:
             # DeepSpeed applies the update in this micro-batch's backward: decide now.
-            guard.decide_before_engine_step(int(self.state.global_step), self.deepspeed)
+            guard.decide_before_engine_step(int(self.host.state.global_step), self.host.deepspeed)
         contributions = zero_where_nonfinite(output.contributions(), finite)
-        self._kd_windows[mode].add(contributions, output.effective_weights(), self._kd_weight(mode))
+        self.windows[mode].add(contributions, output.effective_weights(), self.batch_weight(mode))
         total = output.total
         return torch.where(finite, total, torch.zeros_like(total))
 
-    def _kd_accumulation_steps(self) -> int:
-        steps = getattr(self, "current_gradient_accumulation_steps", None)
-        return int(steps or self.args.gradient_accumulation_steps or 1)
+    def accumulation_steps(self) -> int:
+        steps = getattr(self.host, "current_gradient_accumulation_steps", None)
+        return int(steps or self.host.args.gradient_accumulation_steps or 1)
 
-    def _kd_weight(self, mode: str) -> float:
+    def batch_weight(self, mode: str) -> float:
         """The weight the trainer's own `loss` / `eval_loss` gives this micro-batch."""
         if mode == "train":
-            return train_micro_batch_weight(self._kd_accumulation_steps())
-        gradient_state = self.accelerator.gradient_state
+            return train_micro_batch_weight(self.accumulation_steps())
+        gradient_state = self.host.accelerator.gradient_state
         return eval_batch_weight(
-            int(self.args.eval_batch_size),
+            int(self.host.args.eval_batch_size),
             last=bool(gradient_state.end_of_dataloader),
             remainder=int(gradient_state.remainder),
-            rank=int(self.accelerator.process_index),
+            rank=int(self.host.accelerator.process_index),
         )
 
     # ------------------------------------------------------------------ every log row
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the window's per-term values (reduced over ranks) to the row, in place, so that
-        `evaluate()` returns them too (best model, early stopping)."""
-        mode = "train" if self.model.training else "eval"
-        logs.update(self.kd_metric_values(mode))
-        guard = self._kd_current_guard()
+    def add_to_log(self, logs: dict[str, float]) -> None:
+        """Add the window's per-term values (reduced over ranks; a collective, so every rank
+        calls it) to the trainer's log row, in place, so that `evaluate()` returns them too (best
+        model, early stopping); after an evaluation, act on its non-finite flags."""
+        mode = "train" if self.host.model.training else "eval"
+        logs.update(self.metric_values(mode))
+        guard = self.guard()
         if mode == "eval":
-            result = guard.check_eval(int(self.state.global_step))
-            if result.skip and self.accelerator.is_main_process:
+            result = guard.check_eval(int(self.host.state.global_step))
+            if result.skip and self.host.accelerator.is_main_process:
                 _logger().warning(
                     f"kdcompose: non-finite values during evaluation ({describe(result.offending)}); "
                     "those batches count as 0 in the evaluation metrics (on_nonfinite: skip_step)"
                 )
         elif guard.may_skip:
             logs[SKIPPED_METRIC] = guard.skipped_steps
-        return super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
-    def kd_metric_values(self, mode: str = "train") -> dict[str, float]:
+    def metric_values(self, mode: str = "train") -> dict[str, float]:
         """What the next log row of `mode` would get from kdcompose (reduced over ranks; a
         collective), and restart that window: for notebooks and tests that call `compute_loss`
         themselves."""
-        return self._kd_windows[mode].reduce("eval_" if mode == "eval" else "", self.args.device)
+        return self.windows[mode].reduce("eval_" if mode == "eval" else "", self.host.args.device)
 
-    def kd_reset_metrics(self) -> None:
+    def reset_metrics(self) -> None:
         """Drop what the metric windows and the non-finite flags hold (e.g. after probing)."""
-        for window in self._kd_windows.values():
+        for window in self.windows.values():
             window.reset()
-        self._kd_guard.flags.clear()
+        self._guard.flags.clear()
 
     # ------------------------------------------------------------------ run start, checkpoints, Ctrl-C
 
-    def _kd_run_started(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    def run_started(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """At `train()`: check what the loop needs, restore counters, record the composition."""
-        self._kd_check_loop_settings()
-        self.kd_reset_metrics()
-        checkpoint = resume_checkpoint(self, args, kwargs)
-        guard = self._kd_current_guard()
+        self.check_loop_settings()
+        self.reset_metrics()
+        checkpoint = resume_checkpoint(self.host, args, kwargs)
+        guard = self.guard()
         guard.skipped_steps = int(resume.read_checkpoint_state(checkpoint).get(SKIPPED_METRIC, 0))
-        if not self.accelerator.is_main_process:
+        if not self.host.accelerator.is_main_process:
             return
         if checkpoint:
-            changes = resume.resume_changes(checkpoint, self.kd_composer)
+            changes = resume.resume_changes(checkpoint, self.host.kd_composer)
             if changes:
                 _logger().warning(
                     f"kdcompose: resuming from {checkpoint} with a different loss composition than that run "
                     f"recorded: {'; '.join(changes)}"
                 )
-        path = resume.write_composition(self.args.output_dir, self.kd_composer)
+        path = resume.write_composition(self.host.args.output_dir, self.host.kd_composer)
         _logger().info(f"kdcompose: composition recorded in {path}")
 
-    def _kd_check_loop_settings(self) -> None:
+    def check_loop_settings(self) -> None:
         issues = []
-        global_terms = self._kd_global_token_terms()
-        accumulation = int(self.args.gradient_accumulation_steps or 1)
-        per_generation = int(getattr(self.args, "steps_per_generation", None) or accumulation)
+        global_terms = self.global_token_terms()
+        accumulation = int(self.host.args.gradient_accumulation_steps or 1)
+        per_generation = int(getattr(self.host.args, "steps_per_generation", None) or accumulation)
         for origin in global_terms:
             path = f"{origin}.normalize"
             if per_generation % accumulation:
@@ -210,12 +235,12 @@ class LoopMixin:
                         "generation_batch_size unset",
                     )
                 )
-            if getattr(self.template, "sequence_parallel_size", 1) > 1:
+            if getattr(self.host.template, "sequence_parallel_size", 1) > 1:
                 issues.append(ConfigIssue(path, "global_tokens is not supported with sequence parallelism"))
-        if self.is_deepspeed_enabled and self._kd_guard.may_skip:
-            stage = _zero_stage(self.args)
+        if self.host.is_deepspeed_enabled and self._guard.may_skip:
+            stage = _zero_stage(self.host.args)
             if stage not in SUPPORTED_STAGES:
-                for term in self.kd_composer.active_terms:
+                for term in self.host.kd_composer.active_terms:
                     if term.spec.on_nonfinite == SKIP_STEP:
                         issues.append(
                             ConfigIssue(
@@ -225,7 +250,7 @@ class LoopMixin:
                                 "on_nonfinite: error",
                             )
                         )
-        if _distributed() and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+        if _distributed() and self.host.args.parallel_mode != ParallelMode.DISTRIBUTED:
             issues.append(
                 ConfigIssue(
                     "training.use_cpu",
@@ -238,15 +263,15 @@ class LoopMixin:
         if issues:
             raise ConfigError(issues, source="kdcompose trainer")
 
-    def _kd_interrupted(self) -> None:
+    def interrupted(self) -> None:
         """Ctrl-C: say where training stopped and how to resume (hooks are closed by the caller)."""
-        if not self.accelerator.is_main_process:
+        if not self.host.accelerator.is_main_process:
             return
-        last = last_checkpoint(self.args.output_dir)
+        last = last_checkpoint(self.host.args.output_dir)
         where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
         _logger().warning(
-            f"kdcompose: training interrupted (Ctrl-C) at global_step {self.state.global_step}/"
-            f"{self.state.max_steps}; feature hooks removed; {where}"
+            f"kdcompose: training interrupted (Ctrl-C) at global_step {self.host.state.global_step}/"
+            f"{self.host.state.max_steps}; feature hooks removed; {where}"
         )
 
 
@@ -278,4 +303,4 @@ def last_checkpoint(output_dir: str) -> str | None:
         return None
 
 
-__all__ = ["LoopMixin"]
+__all__ = ["KDLoop", "LoopHost", "last_checkpoint", "resume_checkpoint"]

@@ -8,7 +8,7 @@ its vision tower when no active term needs its language model), build the `LossC
 with logits and labels aligned exactly as ms-swift aligns them, call the composer, and
 record each active term's weighted value under its metric key. What happens around each
 micro-batch, optimizer step and log row (telemetry, `global_tokens` normalization, NaN/inf,
-resume records, Ctrl-C) lives in `loop.LoopMixin`.
+resume records, Ctrl-C) lives in `loop.KDLoop`, held as `kd_loop`.
 
 With the stock composition (`lm_jsd` weight 1 plus `ce` weight `sft_alpha`) the loss equals
 ms-swift's `GKDTrainer.compute_loss`: JSD averaged over the tokens that carry a label (per
@@ -45,7 +45,7 @@ from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # no
 from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: E402
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
-from kdcompose.integrations.swift.loop import LoopMixin, last_checkpoint  # noqa: E402
+from kdcompose.integrations.swift.loop import KDLoop, last_checkpoint  # noqa: E402
 from kdcompose.integrations.swift.run_teachers import RunTeachers, trim_like_logits  # noqa: E402
 from kdcompose.integrations.swift.spec import (  # noqa: E402
     LLM_KD_WEIGHT_ATTR,
@@ -64,7 +64,7 @@ OPSD_COLUMNS = ("teacher_prompt", "teacher_images")
 """Dataset columns that make ms-swift run on-policy self-distillation (OPSD)."""
 
 
-class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
+class KDComposeGKDTrainer(GKDTrainer):
     """ms-swift GKD with a composed loss. `kd_composer` (Python use) overrides the composition
     the launcher or plugin handed over; without either, the stock GKD loss is composed."""
 
@@ -85,7 +85,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         else:
             origin = "the kd_composer argument"
         self.use_composer(kd_composer)
-        self._kd_init_loop()
+        self.kd_loop = KDLoop(self)
         if self.accelerator.is_main_process:
             logger.info(f"kdcompose: {kd_composer.formula()} (composition from {origin})")
 
@@ -218,17 +218,32 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
         """Feature hooks are on the models only while training runs: removed when it ends and when
         it fails (a loss computed afterwards hooks just for its own forward)."""
         _exact_resume.begin_train(self, args, kwargs)  # kdcompose exact resume: refuse / warn / counters
-        self._kd_run_started(args, kwargs)
+        self.kd_loop.run_started(args, kwargs)
         for recorder in self._recorders():
             recorder.open()
         try:
             return super().train(*args, **kwargs)
         except KeyboardInterrupt:
-            self._kd_interrupted()
+            self.kd_loop.interrupted()
             raise
         finally:
             for recorder in self._recorders():
                 recorder.close()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """ms-swift's log row plus kdcompose's per-term values (`KDLoop.add_to_log`)."""
+        self.kd_loop.add_to_log(logs)
+        return super().log(logs, *args, **kwargs)
+
+    def kd_metric_values(self, mode: str = "train") -> dict[str, float]:
+        """What the next log row of `mode` would get from kdcompose (reduced over ranks; a
+        collective), and restart that window: for notebooks and tests that call `compute_loss`
+        themselves."""
+        return self.kd_loop.metric_values(mode)
+
+    def kd_reset_metrics(self) -> None:
+        """Drop what the metric windows and the non-finite flags hold (e.g. after probing)."""
+        self.kd_loop.reset_metrics()
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         """ms-swift's save, plus the feature projectors next to the student (kdcompose.projectors)."""
@@ -363,7 +378,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             _reject_opsd_batch(model_inputs, teacher_inputs)
 
         mode = "train" if self.model.training else "eval"
-        self._kd_prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
+        self.kd_loop.prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
         # Module taps see the whole sequence even where logits_to_keep trims the logits below.
         sequence = (torch.roll(model_inputs["labels"], shifts=-1, dims=1), model_inputs.get("attention_mask"))
         teacher_topk = {}
@@ -409,7 +424,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             teacher_topk=teacher_topk,
             projected=projected,
         )
-        loss = self._kd_record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
+        loss = self.kd_loop.record(output, mode)  # metrics + NaN/inf flags; a non-finite loss becomes 0
         return (loss, outputs_student) if return_outputs else loss
 
     def _needs_at(self, step: int) -> Any:
@@ -508,7 +523,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             has_images=has_images,
             step=step,
             projectors=self._feature_projectors,
-            step_token_denominator=self._kd_step_denominator(),
+            step_token_denominator=self.kd_loop.step_denominator(),
         )
         if teacher_logits is None or teacher_logits.shape[-1] == student_logits.shape[-1]:
             return self.kd_composer(ctx)
@@ -532,7 +547,7 @@ class KDComposeGKDTrainer(LoopMixin, GKDTrainer):
             has_images=has_images,
             step=ctx.step,
             projectors=self._feature_projectors,
-            step_token_denominator=self._kd_step_denominator(),
+            step_token_denominator=self.kd_loop.step_denominator(),
         )
         kd_composer, own_composer = self._split_composers()
         outputs = [c(x) for c, x in ((kd_composer, kd_ctx), (own_composer, ctx)) if c.active_terms]
