@@ -39,6 +39,7 @@ from kdcompose.integrations.swift.guard import SKIPPED_METRIC, NonFiniteGuard
 from kdcompose.integrations.swift.metrics import (
     TermWindow,
     eval_batch_weight,
+    is_distributed,
     train_micro_batch_weight,
     zero_where_nonfinite,
 )
@@ -127,7 +128,7 @@ class KDLoop:
             buffered = getattr(self.host, "_buffered_inputs", None) or []
             chunks = [c["model_inputs"] for c in buffered[first : first + accumulation]] or [model_inputs]
             local = torch.stack([valid_token_count(c["labels"]) for c in chunks]).sum()
-            if _distributed():
+            if is_distributed():
                 dist.all_reduce(local, op=dist.ReduceOp.SUM)
             world = int(self.host.accelerator.num_processes)
             self._denominator = step_token_denominator(local, world, accumulation)
@@ -237,7 +238,7 @@ class KDLoop:
                 )
             if getattr(self.host.template, "sequence_parallel_size", 1) > 1:
                 issues.append(ConfigIssue(path, "global_tokens is not supported with sequence parallelism"))
-        if self.host.is_deepspeed_enabled and self._guard.may_skip:
+        if self.host.is_deepspeed_enabled and self.guard().may_skip:
             stage = _zero_stage(self.host.args)
             if stage not in SUPPORTED_STAGES:
                 for term in self.host.kd_composer.active_terms:
@@ -250,7 +251,7 @@ class KDLoop:
                                 "on_nonfinite: error",
                             )
                         )
-        if _distributed() and self.host.args.parallel_mode != ParallelMode.DISTRIBUTED:
+        if is_distributed() and self.host.args.parallel_mode != ParallelMode.DISTRIBUTED:
             issues.append(
                 ConfigIssue(
                     "training.use_cpu",
@@ -281,10 +282,6 @@ def _zero_stage(args: Any) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
     """The checkpoint `trainer.train(*args, **kwargs)` resumes from (None: a fresh run)."""
     value = kwargs.get("resume_from_checkpoint", args[0] if args else None)
@@ -303,4 +300,4 @@ def last_checkpoint(output_dir: str) -> str | None:
         return None
 
 
-__all__ = ["KDLoop", "LoopHost", "last_checkpoint", "resume_checkpoint"]
+__all__ = ["KDLoop", "LoopHost", "is_distributed", "last_checkpoint", "resume_checkpoint"]

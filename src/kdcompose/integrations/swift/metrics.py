@@ -118,7 +118,7 @@ class TermWindow:
             else:
                 state += [_scalar(running.total or 0.0, device), _scalar(running.weight, device)]
         reduced = torch.stack(state)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         numbers = reduced.tolist()  # the one host sync of the logging step
         self.reset()
@@ -142,14 +142,15 @@ def _device_of(running: Mapping[str, _Running]) -> torch.device:
     return torch.device("cpu")
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """A process group of more than one rank is up (then reductions are collectives)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _union_over_ranks(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The sorted union of every rank's (key, kind) pairs, so every rank reduces the same
     layout (a rank where a term never ran contributes zeros to it)."""
-    if not _distributed():
+    if not is_distributed():
         return sorted(set(local))
     gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
@@ -159,6 +160,7 @@ def _union_over_ranks(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
 __all__ = [
     "TermWindow",
     "eval_batch_weight",
+    "is_distributed",
     "train_micro_batch_weight",
     "zero_where_nonfinite",
 ]

@@ -45,7 +45,7 @@ from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # no
 from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: E402
 from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
 from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
-from kdcompose.integrations.swift.loop import KDLoop, last_checkpoint  # noqa: E402
+from kdcompose.integrations.swift.loop import KDLoop, is_distributed, last_checkpoint  # noqa: E402
 from kdcompose.integrations.swift.run_teachers import RunTeachers, trim_like_logits  # noqa: E402
 from kdcompose.integrations.swift.spec import (  # noqa: E402
     LLM_KD_WEIGHT_ATTR,
@@ -142,11 +142,11 @@ class KDComposeGKDTrainer(GKDTrainer):
         try:
             teachers.prepare_named(chunks, self.split_by_mini_batches(samples), self.template, live)
         except Exception as error:
-            if not _distributed():
+            if not is_distributed():
                 raise
             url = getattr(error, "url", None) or ", ".join(teachers.server_urls(live))
             failure = TeacherFetchFailure(f"{type(error).__name__}: {error}", url)
-        if _distributed():
+        if is_distributed():
             self._kd_stop_if_any_rank_failed(failure)
         return chunks
 
@@ -568,12 +568,6 @@ class KDComposeGKDTrainer(GKDTrainer):
 
 
 # ---------------------------------------------------------------------- helpers (no loss math)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass(frozen=True)
