@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from kdcompose import build_composer, parse_config
+from kdcompose.integrations.swift.engines import SINGLE_PROCESS_ENV
 from kdcompose.integrations.swift.runtime import prepare_swift_import
 from kdcompose.testing import tiny_gkd_args, tiny_run_env
 
@@ -202,6 +203,28 @@ def run_command(args: list[str], tmp_path: Path, timeout: float = 600) -> subpro
     return subprocess.run(
         args, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+LAUNCHER_ENV = (*SINGLE_PROCESS_ENV, "NPROC_PER_NODE")
+"""What torchrun (or an in-process one-rank world of an earlier test) leaves in the environment."""
+
+
+def train_as_user(
+    config: Path,
+    tmp_path: Path,
+    nproc: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """`kdcompose train CONFIG` started as a user's shell would: no launcher variables (this
+    process may hold a one-process world from an in-process test), `NPROC_PER_NODE` only where
+    asked, plus `extra_env`."""
+    env = {k: v for k, v in subprocess_env(tmp_path).items() if k not in LAUNCHER_ENV}
+    if nproc is not None:
+        env["NPROC_PER_NODE"] = str(nproc)
+    env.update(extra_env or {})
+    command = kdcompose_command("train", str(config))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def kdcompose_command(*args: str) -> list[str]:

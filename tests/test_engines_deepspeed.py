@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdcompose.integrations.swift import engines
-from swift_support import kdcompose_command, run_command, sections, step_logs, write_config
+from swift_support import kdcompose_command, run_command, sections, step_logs, train_as_user, write_config
 
 pytestmark = [
     pytest.mark.swift,
@@ -72,17 +72,7 @@ def _config(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
 
 def _train(tmp_path: Path, name: str, nproc: int | None = None, **overrides) -> list[dict]:
     config, out = _config(tmp_path, name, **overrides)
-    # The child starts as a user's shell would: no launcher variables (this process may hold a
-    # one-process world from the in-process ZeRO-3 tests), NPROC_PER_NODE only where asked.
-    cleared = (*engines.SINGLE_PROCESS_ENV, "NPROC_PER_NODE")
-    saved = {key: os.environ.pop(key, None) for key in cleared}
-    if nproc is not None:
-        os.environ["NPROC_PER_NODE"] = str(nproc)
-    try:
-        result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=900)
-    finally:
-        os.environ.pop("NPROC_PER_NODE", None)
-        os.environ.update({key: value for key, value in saved.items() if value is not None})
+    result = train_as_user(config, tmp_path, nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     return step_logs(out)
 

@@ -11,13 +11,11 @@ runs replayed epoch 1's batches at step 4 (3.57485 against 3.57295)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from kdcompose.integrations.swift import engines
-from swift_support import kdcompose_command, run_command, sections, step_logs, write_config
+from swift_support import sections, step_logs, train_as_user, write_config
 
 pytestmark = [
     pytest.mark.swift,
@@ -57,15 +55,7 @@ def _train(tmp: Path, name: str, stage: str | None, nproc: int | None, **extra) 
     else:
         data["training"]["deepspeed"] = stage
     config = write_config(tmp / f"{name}.yaml", data)
-    env_keys = (*engines.SINGLE_PROCESS_ENV, "NPROC_PER_NODE")
-    saved = {key: os.environ.pop(key, None) for key in env_keys}
-    if nproc is not None:
-        os.environ["NPROC_PER_NODE"] = str(nproc)
-    try:
-        result = run_command(kdcompose_command("train", str(config)), tmp, timeout=900)
-    finally:
-        os.environ.pop("NPROC_PER_NODE", None)
-        os.environ.update({key: value for key, value in saved.items() if value is not None})
+    result = train_as_user(config, tmp, nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     return {int(str(r["global_step/max_steps"]).split("/")[0]): r for r in step_logs(out)}
 

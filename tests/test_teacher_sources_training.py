@@ -13,7 +13,15 @@ import pytest
 from kdcompose import ConfigError, parse_config
 from kdcompose.serve.process import ServerProcess, free_port
 from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE
-from swift_support import kdcompose_command, run_command, sections, step_logs, subprocess_env, write_config
+from swift_support import (
+    kdcompose_command,
+    run_command,
+    sections,
+    step_logs,
+    subprocess_env,
+    train_as_user,
+    write_config,
+)
 
 TOL = 1e-5
 STEPS = 3
@@ -168,16 +176,9 @@ def test_a_named_server_failing_on_one_rank_stops_every_rank_together(tmp, serve
     )
     plugin = str(Path(__file__).with_name("dead_server_on_rank1_plugin.py"))
     config = write_config(tmp / "one_rank.yaml", {"plugins": [plugin], **data})
-    env = {
-        **subprocess_env(tmp),
-        "NPROC_PER_NODE": "2",
-        "KDCOMPOSE_TEACHER_SERVER_RETRIES": "2",
-        "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S": "0.1",
-    }
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    retries = {"KDCOMPOSE_TEACHER_SERVER_RETRIES": "2", "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S": "0.1"}
     start = time.monotonic()
-    result = _run(config, tmp, env)
+    result = train_as_user(config, tmp, nproc=2, extra_env=retries, timeout=600)
     assert result.returncode != 0
     for rank in (0, 1):  # each rank said it before any exited (the launcher then ends the other)
         said = [
