@@ -80,7 +80,7 @@ def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
     """Point the trainer's default teacher at `variant` (outside the timed region)."""
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
 
-    from kdcompose.integrations.swift.spec import TEACHERS_ATTR
+    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR
     from kdcompose.teachers.server_client import VLLMFreeInferClient
     from kdcompose.teachers.sources import TeacherSource
 
@@ -98,7 +98,7 @@ def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from kdcompose import parse_config
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
     from kdcompose.integrations.swift.runtime import prepare_swift_import
     from kdcompose.serve.process import ServerProcess
     from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_run_env

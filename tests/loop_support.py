@@ -54,7 +54,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
 def probe_micro_batches() -> Iterator[list[dict[str, Any]]]:
     """Collect, per micro-batch: mode, global_step, the weighted value of each term that ran
     (`terms`), the total, and the weight the trainer gave the micro-batch."""
-    from kdcompose.integrations.swift.loop import KDLoop
+    from kdcompose.training.loop import KDLoop
 
     records: list[dict[str, Any]] = []
     original = KDLoop.record

@@ -20,8 +20,8 @@ from kdcompose.integrations.swift.runtime import prepare_swift_import
 
 prepare_swift_import()
 
-from kdcompose.integrations.swift.loop import KDLoop  # noqa: E402
 from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer  # noqa: E402
+from kdcompose.training.loop import KDLoop  # noqa: E402
 
 PROBE_ENV = "KDCOMPOSE_PROBE_DIR"
 

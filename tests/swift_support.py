@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 
 from kdcompose import build_composer, parse_config
-from kdcompose.integrations.swift.engines import SINGLE_PROCESS_ENV
 from kdcompose.integrations.swift.runtime import prepare_swift_import
 from kdcompose.testing import tiny_gkd_args, tiny_run_env
+from kdcompose.training.engines import SINGLE_PROCESS_ENV
 
 FAMILY = "qwen2_vl"
 SECTION_OF: dict[str, str] = {
@@ -99,7 +99,7 @@ def shared_trainer() -> Any:
     """
     from accelerate.state import AcceleratorState
 
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     if not _shared or not AcceleratorState._shared_state:
         _shared[:] = [build_trainer(parse_config(sections(SESSION_DIR / "shared")))]

@@ -16,7 +16,7 @@ import yaml
 
 from kdcompose import parse_config
 from kdcompose.demo import CONFIG_NAME, TERM_METRICS, demo_config_text
-from kdcompose.projectors import PROJECTOR_FILE
+from kdcompose.training.projectors import PROJECTOR_FILE
 from swift_support import kdcompose_command, run_command
 
 pytestmark = pytest.mark.swift

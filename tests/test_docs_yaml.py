@@ -78,13 +78,13 @@ BLOCKS = [block for doc in DOCS for block in yaml_blocks(doc)]
 
 @functools.lru_cache(maxsize=1)
 def swift_fields() -> frozenset[str]:
-    from kdcompose.integrations.swift.arg_names import swift_argument_names
+    from kdcompose.integrations.swift.launch.arg_names import swift_argument_names
 
     return swift_argument_names()
 
 
 def _swift_argument_problems(args: dict[str, Any], paths: dict[str, str]) -> list[str]:
-    from kdcompose.integrations.swift.args import unknown_argument_issues
+    from kdcompose.integrations.swift.launch.args import unknown_argument_issues
 
     return [str(issue) for issue in unknown_argument_issues(args, swift_fields(), paths)]
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdcompose.integrations.swift import engines
+from kdcompose.training import engines
 from swift_support import kdcompose_command, run_command, sections, step_logs, train_as_user, write_config
 
 pytestmark = [
@@ -144,7 +144,7 @@ import deepspeed, torch
 from torch import nn
 from deepspeed.utils import safe_get_full_grad
 from kdcompose.functional import fused_linear_generalized_jsd
-from kdcompose.integrations.swift import engines
+from kdcompose.training import engines
 
 V, H, T = 50, 8, 6
 

@@ -1,4 +1,4 @@
-"""Exact resume (`kdcompose.integrations.swift.exact_resume`): a resumed run logs what the
+"""Exact resume (`kdcompose.integrations.swift.resume`): a resumed run logs what the
 uninterrupted run logged.
 
 Real ms-swift runs on the tiny Qwen2-VL pair, in-process through `build_trainer` (the trainer a
@@ -26,8 +26,8 @@ import torch
 
 from kdcompose import build_composer, parse_config
 from kdcompose.errors import ConfigError
-from kdcompose.integrations.swift import exact_resume
-from kdcompose.integrations.swift.resume import COMPOSITION_FILE
+from kdcompose.integrations.swift import resume as exact_resume
+from kdcompose.training.records import COMPOSITION_FILE
 from swift_support import sections, step_logs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -68,7 +68,7 @@ def _rows(output_dir: str | Path) -> dict[int, dict[str, Any]]:
 
 
 def _run_pair(tmp: Path, tuner: str) -> dict[str, Any]:
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     first = build_trainer(_config(tmp / "whole", tuner))
     first.train()
@@ -152,7 +152,7 @@ def test_the_checkpoint_is_in_a_later_epoch_than_the_first(lora_run):
 
 @pytest.mark.swift
 def test_a_changed_composition_is_refused_at_start_naming_the_change(lora_run, tmp_path):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     changed = {**CE, "weight": 0.5}
     trainer = build_trainer(_config(tmp_path / "changed", "lora", ce=changed))

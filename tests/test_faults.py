@@ -86,7 +86,7 @@ class _LastWeights(TrainerCallback):
 
 
 def test_a_nan_term_stops_the_run_before_the_step_is_applied(tmp_path):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     trainer = build_trainer(parse_config(_sections(tmp_path / "out", {"at_steps": [2]})))
     last = _LastWeights(trainer)
@@ -108,7 +108,7 @@ def test_a_nan_term_stops_the_run_before_the_step_is_applied(tmp_path):
 
 
 def test_kdcompose_train_reports_the_term_and_step_with_exit_code_1(tmp_path):
-    from kdcompose.integrations.swift.launch import EXIT_FAILED, train
+    from kdcompose.integrations.swift.launch.command import EXIT_FAILED, train
 
     config = write_config(
         tmp_path / "cfg.yaml", _sections(tmp_path / "out", {"at_steps": [1], "kind": "inf"})
@@ -120,7 +120,7 @@ def test_kdcompose_train_reports_the_term_and_step_with_exit_code_1(tmp_path):
 
 
 def test_ctrl_c_mid_loss_leaves_no_hooks_records_or_threads(tmp_path):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     trainer = build_trainer(parse_config(_sections(tmp_path / "out", {"at_steps": [2], "kind": "interrupt"})))
     hooks = _hooks(trainer.model, trainer.teacher_model)
@@ -170,7 +170,7 @@ def _logged_steps(out: Path) -> int:
 
 def test_a_nonfinite_term_in_evaluation(tmp_path):
     """`error` raises when the evaluation is logged; `skip_step` counts those batches 0."""
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
     from loop_support import image_rows, write_rows
 
     val = write_rows(tmp_path / "val.jsonl", image_rows()[:3])

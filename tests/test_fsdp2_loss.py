@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from kdcompose.functional import fused_linear_generalized_jsd, generalized_jsd
-from kdcompose.integrations.swift.engines import call_through_head, is_sharded
+from kdcompose.training.engines import call_through_head, is_sharded
 
 V, H, ROWS, SEQ = 40, 8, 4, 5
 BETA, TEMPERATURE = 0.4, 0.9

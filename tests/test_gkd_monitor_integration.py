@@ -84,7 +84,7 @@ def test_llm_kd_weight_in_the_wrong_section_is_rejected():
 
 
 def test_llm_kd_weight_is_surfaced_on_train_args_and_nested_training_args(tmp_path):
-    from kdcompose.integrations.swift.launch import build_arguments, swift_kwargs
+    from kdcompose.integrations.swift.launch.command import build_arguments, swift_kwargs
 
     config = parse_config(sections(tmp_path / "out", rlhf={"llm_kd_weight": 0.5}))
     args = build_arguments(config, swift_kwargs(config))
@@ -154,7 +154,7 @@ def test_llm_kd_weight_zero_keeps_visual_kd_hooks_running(trainer, batch):
 
 def _train(rlhf: dict, custom: dict | None, name: str, steps: int = 2):
     """Train the tiny models for `steps` optimizer steps through ms-swift's own loop."""
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     config = parse_config(sections(SESSION_DIR / name, max_steps=steps, rlhf=rlhf, custom=custom))
     trainer = build_trainer(config)

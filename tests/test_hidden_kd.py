@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kdcompose import ConfigError, LossContext, build_composer, parse_config
-from kdcompose.projectors import LinearProjector
+from kdcompose.training.projectors import LinearProjector
 
 LAYER_S, LAYER_T = "model.language_model.layers.1", "model.language_model.layers.2"
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from helpers import config_error, config_from
 from kdcompose import LossContext, TermNeeds, build_composer
-from kdcompose.integrations.swift.lm_head import LmHeadUnsupported, lm_head_of, tap_lm_head
+from kdcompose.training.lm_head import LmHeadUnsupported, lm_head_of, tap_lm_head
 
 pytestmark = pytest.mark.swift
 

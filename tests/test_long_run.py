@@ -25,8 +25,8 @@ import yaml
 from transformers import TrainerCallback
 
 from kdcompose import parse_config
-from kdcompose.integrations.swift.resume import COMPOSITION_FILE, STATE_FILE, read_loss_terms
 from kdcompose.testing import build_caption_dataset
+from kdcompose.training.records import COMPOSITION_FILE, STATE_FILE, read_loss_terms
 from loop_support import log_rows, probe_micro_batches, step_of, train_rows
 from nan_probe import TYPE as NAN_PROBE
 from nan_probe import registered
@@ -105,7 +105,7 @@ def _recorder_hooks(trainer) -> int:
 
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     tmp = tmp_path_factory.mktemp("long_run")
     dataset = build_caption_dataset(n=STEPS + 20, seed=0, image=True)

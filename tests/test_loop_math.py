@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from kdcompose import build_composer, parse_config
 from kdcompose.errors import ConfigError
-from kdcompose.integrations.swift.metrics import TermWindow, eval_batch_weight, train_micro_batch_weight
-from kdcompose.integrations.swift.resume import (
+from kdcompose.nonfinite import SKIP_STEP, TOTAL, error_message, nonfinite_flags, verdict
+from kdcompose.normalization import step_token_denominator, token_normalized, valid_token_count
+from kdcompose.training.metrics import TermWindow, eval_batch_weight, train_micro_batch_weight
+from kdcompose.training.records import (
     composition_changes,
     loss_terms_of,
     read_checkpoint_state,
@@ -21,8 +23,6 @@ from kdcompose.integrations.swift.resume import (
     write_checkpoint_state,
     write_composition,
 )
-from kdcompose.nonfinite import SKIP_STEP, TOTAL, error_message, nonfinite_flags, verdict
-from kdcompose.normalization import step_token_denominator, token_normalized, valid_token_count
 
 # ----------------------------------------------------------------------- token normalization
 

@@ -17,7 +17,9 @@ from kdcompose import LossContext, build_composer, parse_config
 from kdcompose.compat import ensure_torchvision_importable
 from kdcompose.errors import ConfigError
 from kdcompose.features import FeatureRecorder
-from kdcompose.projectors import (
+from kdcompose.testing.tiny_models import build_tiny_model
+from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
+from kdcompose.training.projectors import (
     PROJECTOR_ATTR,
     PROJECTOR_FILE,
     FeatureWidthError,
@@ -30,8 +32,6 @@ from kdcompose.projectors import (
     projector_key,
     save_projectors,
 )
-from kdcompose.testing.tiny_models import build_tiny_model
-from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
 
 ensure_torchvision_importable()
 
@@ -221,9 +221,9 @@ def test_widths_of_a_module_override():
 
 @pytest.mark.swift
 def test_decoder_layer_widths_read_from_structure_are_the_widths_recorded(qwen2_vl_pair):
-    from kdcompose.projectors import tap_width
-    from kdcompose.taps import ModuleTaps
     from kdcompose.terms.base import Tap
+    from kdcompose.training.projectors import tap_width
+    from kdcompose.training.taps import ModuleTaps
 
     for model, width in zip(qwen2_vl_pair, (64, 96), strict=True):
         taps = [Tap("student", "model.language_model.layers.1"), Tap("student", "lm_head", io="input")]
@@ -306,7 +306,7 @@ def test_save_and_load_round_trip(tmp_path, caplog):
     assert load_projectors(fresh, tmp_path)
     torch.testing.assert_close(fresh[plan.key].state_dict(), trained[plan.key].state_dict())
 
-    with caplog.at_level(logging.WARNING, logger="kdcompose.projectors"):
+    with caplog.at_level(logging.WARNING, logger="kdcompose.training.projectors"):
         assert not load_projectors(fresh, tmp_path / "elsewhere")
     assert PROJECTOR_FILE in caplog.text
     with pytest.raises(ValueError, match="does not fit"):

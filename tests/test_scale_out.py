@@ -87,7 +87,7 @@ def _sections(data: Path, out: Path, normalize: str, **overrides) -> dict:
 def reference(data):
     """A prepared single-process trainer (not trained: every step below starts from the same
     weights) and the composers of both normalizations."""
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     trainer = build_trainer(parse_config(_sections(data, data / "ref", "global_tokens")))
     trainer.model.train()

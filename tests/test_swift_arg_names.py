@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from kdcompose.integrations.swift import arg_names
+from kdcompose.integrations.swift.launch import arg_names
 from kdcompose.testing._cache import CACHE_ENV
 
 

@@ -231,7 +231,7 @@ def test_fused_under_accelerate_fsdp_fails_at_construction(trainer, monkeypatch)
 
 
 def test_fused_with_the_lora_base_model_as_teacher(tmp_path_factory):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     out = tmp_path_factory.mktemp("fused_lora")
     data = sections(out, tuner_type="lora", lora_rank=4, target_modules=["all-linear"])

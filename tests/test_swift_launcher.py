@@ -20,15 +20,15 @@ import yaml
 from kdcompose import parse_config
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import plugin_path
-from kdcompose.integrations.swift.argv import parse_flag_value, take_own_flags, unknown_flag_issues
-from kdcompose.integrations.swift.launch import swift_kwargs, train
+from kdcompose.integrations.swift.launch.argv import parse_flag_value, take_own_flags, unknown_flag_issues
+from kdcompose.integrations.swift.launch.command import swift_kwargs, train
+from kdcompose.integrations.swift.launch.spec import plugin_composition, set_plugin_composition
 from kdcompose.integrations.swift.runtime import (
     ALLOW_UNTESTED_ENV,
     SwiftUnavailableError,
     check_swift_version,
     is_tested_version,
 )
-from kdcompose.integrations.swift.spec import plugin_composition, set_plugin_composition
 from swift_support import (
     args_json,
     kdcompose_command,
@@ -187,7 +187,7 @@ def test_missing_swift_says_how_to_install(tmp_path, monkeypatch):
 def test_importing_kdcompose_never_imports_ms_swift():
     code = (
         "import sys, kdcompose, kdcompose.cli, kdcompose.integrations.swift, "
-        "kdcompose.integrations.swift.launch, kdcompose.integrations.swift.argv\n"
+        "kdcompose.integrations.swift.launch.command, kdcompose.integrations.swift.launch.argv\n"
         "heavy = ('swift', 'swift.', 'trl', 'transformers')\n"
         "bad = sorted(m for m in sys.modules if m.startswith(heavy))\n"
         "assert not bad, bad"

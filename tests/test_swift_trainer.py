@@ -280,7 +280,7 @@ def test_opsd_batch_is_rejected(trainer, dataset_inputs):
 def lora_trainer():
     """ms-swift's fixed self-distillation: LoRA student, `teacher_model` = `model`, so the
     teacher is the base model with the adapters disabled (no second model is loaded)."""
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
     from swift_support import SESSION_DIR, sections
 
     data = sections(SESSION_DIR / "lora", tuner_type="lora", lora_rank=4, target_modules=["all-linear"])

@@ -1,4 +1,4 @@
-"""Module taps (kdcompose.taps) and the protocol primitives, on small torch modules: what is
+"""Module taps (kdcompose.training.taps) and the protocol primitives, on small torch modules: what is
 recorded, when, from which call, through which wrapper prefix, and what a bad path says."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from torch import nn
 from kdcompose import LossContext, Tap
 from kdcompose.errors import ConfigError
 from kdcompose.primitives import connected_zero
-from kdcompose.projectors import module_width, tap_width
-from kdcompose.taps import ModuleTaps, capture
+from kdcompose.training.projectors import module_width, tap_width
+from kdcompose.training.taps import ModuleTaps, capture
 
 
 class Block(nn.Module):

@@ -40,7 +40,7 @@ REL = 2e-5
 
 
 def _run(tmp_path_factory, accumulation: int, batch_size: int):
-    from kdcompose.integrations.swift.launch import run
+    from kdcompose.integrations.swift.launch.command import run
 
     tmp = tmp_path_factory.mktemp(f"telemetry_ga{accumulation}")
     val = write_rows(tmp / "val.jsonl", image_rows()[8:13])

@@ -22,11 +22,11 @@ from transformers import TrainerCallback
 
 from kdcompose import LossContext, Tap, TermNeeds, TermSpec, build_composer, parse_config, register_term
 from kdcompose.errors import ConfigError
-from kdcompose.integrations.swift.exact_resume import ALLOW_CHANGES_ENV
-from kdcompose.projectors import PROJECTOR_ATTR, PROJECTOR_FILE
+from kdcompose.integrations.swift.resume import ALLOW_CHANGES_ENV
 from kdcompose.registry import unregister_term
 from kdcompose.terms import LossTerm
 from kdcompose.testing import build_caption_dataset, load_rows, tiny_gkd_args
+from kdcompose.training.projectors import PROJECTOR_ATTR, PROJECTOR_FILE
 from swift_support import SECTION_OF, SESSION_DIR, ForwardCounter
 
 pytestmark = [
@@ -101,7 +101,7 @@ def _config(
 
 
 def _build(config, **overrides):
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
 
     return build_trainer(config, **overrides)
 

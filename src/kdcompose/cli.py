@@ -54,7 +54,7 @@ def _preflight(config: object) -> None:
     """The checks `train` makes before loading a model (ms-swift argument names, rlhf_type,
     unsupported settings, teacher), when ms-swift is installed: a config that validates starts.
     Without ms-swift only kdcompose's own keys can be checked, and validate says so."""
-    from kdcompose.integrations.swift.preflight import check_config, swift_importable
+    from kdcompose.integrations.swift.launch.preflight import check_config, swift_importable
 
     if swift_importable():
         check_config(config)
@@ -93,7 +93,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kdcompose.integrations.swift.launch import train
+    from kdcompose.integrations.swift.launch.command import train
 
     return train(args.config)
 

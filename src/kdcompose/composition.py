@@ -1,6 +1,6 @@
 """The resolved loss composition: which terms, with which validated specs, declared where.
 
-Produced by `kdcompose.legacy.resolve_composition` (YAML + legacy knobs) once per run and
+Produced by `kdcompose.resolve.resolve_composition` (YAML + legacy knobs) once per run and
 handed as is to the composer and the trainer. Checks here are generic: they ask each term
 (`LossTerm.config_issues`) instead of knowing any term's fields.
 """

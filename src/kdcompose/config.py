@@ -23,7 +23,7 @@ from typing import Any
 
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.legacy import (
+from kdcompose.resolve import (
     GkdKnobs,
     parse_gkd_knobs,
     resolve_composition,
@@ -61,7 +61,7 @@ class KDConfig:
     @property
     def llm_kd_weight(self) -> float:
         """The runtime LM-head KD weight (the `lm_jsd` term's weight; 0 if disabled)."""
-        from kdcompose.legacy import legacy_llm_kd_weight
+        from kdcompose.resolve import legacy_llm_kd_weight
 
         return legacy_llm_kd_weight(self.composition.terms)
 

@@ -208,7 +208,7 @@ def run_demo(
     stderr: TextIO | None = None,
 ) -> int:
     """The `kdcompose demo` command; returns the exit code (that of `kdcompose train`)."""
-    from kdcompose.integrations.swift.launch import train
+    from kdcompose.integrations.swift.launch.command import train
     from kdcompose.testing import tiny_run_env
 
     stdout = stdout or sys.stdout

@@ -2,7 +2,7 @@
 
 The recording itself -- hooks only inside the loss forward, records cleared on entry and exit,
 every hook removed by `close()` even when training fails, a closed recorder hooking only for one
-`recording()` block -- is `kdcompose.taps.ModuleTaps`; this class maps the visual-KD target names
+`recording()` block -- is `kdcompose.training.taps.ModuleTaps`; this class maps the visual-KD target names
 (`vit`, `aligner`, `deepstack`, or a module path override) to taps and back.
 """
 
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from kdcompose.errors import ConfigError
-from kdcompose.taps import WRAPPER_PREFIXES, ModuleTaps, TapNotFound, resolve_path
 from kdcompose.terms.base import Tap
 from kdcompose.terms.visual_kd import DEFAULT_TARGET_PATHS, EXPAND_CHILDREN
+from kdcompose.training.taps import WRAPPER_PREFIXES, ModuleTaps, TapNotFound, resolve_path
 
 __all__ = [
     "DEFAULT_TARGET_PATHS",

@@ -106,11 +106,11 @@ def _type_schema(annotation: Any) -> dict[str, Any]:
 
 def swift_argument_schemas() -> dict[str, Any]:
     """ms-swift's argument names -> {type, description} (empty when ms-swift is not installed)."""
-    from kdcompose.integrations.swift.preflight import swift_importable
+    from kdcompose.integrations.swift.launch.preflight import swift_importable
 
     if not swift_importable():
         return {}
-    from kdcompose.integrations.swift.args import swift_argument_fields
+    from kdcompose.integrations.swift.launch.args import swift_argument_fields
 
     out: dict[str, Any] = {}
     for name, f in sorted(swift_argument_fields().items()):

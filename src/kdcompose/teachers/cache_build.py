@@ -184,7 +184,7 @@ def _load_pipeline(config: Any, output_dir: str) -> Any:
     """ms-swift's RLHF pipeline with the teacher loaded and the student's processor only."""
     from swift.pipelines.train.rlhf import SwiftRLHF
 
-    from kdcompose.integrations.swift.launch import build_arguments, swift_kwargs
+    from kdcompose.integrations.swift.launch.command import build_arguments, swift_kwargs
 
     class _CachePipeline(SwiftRLHF):
         def _prepare_model_tokenizer(self) -> None:

@@ -99,7 +99,7 @@ class FeaturePair:
 
     The framework checks before training that the widths (last dimension) agree, or, with
     `projector` set, builds a trainable map from the student's width to the teacher's
-    (kdcompose.projectors), trains it with the student, saves and resumes it, and hands it
+    (kdcompose.training.projectors), trains it with the student, saves and resumes it, and hands it
     to the term as `LossContext.projectors[key]`. `key` is unique per composition
     (`<term>__<pair>`); `origin` is the YAML path of the pair, for errors.
     """
@@ -215,7 +215,7 @@ class LossContext:
     [.., K] int64)` aligned with `labels`, from a teacher cache or server; `-inf` where absent."""
     projectors: Mapping[str, Any] = field(default_factory=dict)
     """Trainable student->teacher width maps by `FeaturePair.key`, for pairs declared with a
-    projector (built, trained, saved and resumed by the trainer; kdcompose.projectors)."""
+    projector (built, trained, saved and resumed by the trainer; kdcompose.training.projectors)."""
     projected: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
     """The student's tensors of a projected pair, already through its projector, by
     `FeaturePair.key` (the trainer projects inside the model's forward, for DDP); when absent,

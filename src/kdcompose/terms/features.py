@@ -38,7 +38,7 @@ def compare_features(
         raise ValueError(
             f"{pair.origin} asks for `projector: {pair.projector}` but the loss context carries none for "
             f"{pair.key!r}: the ms-swift trainer builds them; in your own loop build them with "
-            "kdcompose.projectors.plan_projectors / attach_projectors and pass them as LossContext.projectors"
+            "kdcompose.training.projectors.plan_projectors / attach_projectors and pass them as LossContext.projectors"
         )
     projected = list(ctx.projected.get(pair.key, ())) if pair.projector is not None else []
     if projected and len(projected) != len(student):

@@ -38,24 +38,24 @@ from swift.rlhf_trainers.gkd_trainer import GKDTrainer  # noqa: E402
 from swift.trainers import disable_gradient_checkpointing  # noqa: E402
 from swift.utils import get_logger  # noqa: E402
 
-from kdcompose import projectors as _projectors  # noqa: E402
 from kdcompose.composer import CompositionOutput, LossComposer, build_composer  # noqa: E402
 from kdcompose.errors import ConfigError, ConfigIssue  # noqa: E402
 from kdcompose.functional.vocab import align_vocab, check_vocab_compatible  # noqa: E402
-from kdcompose.integrations.swift import exact_resume as _exact_resume  # noqa: E402
-from kdcompose.integrations.swift.args import unsupported_setting_issues  # noqa: E402
-from kdcompose.integrations.swift.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
-from kdcompose.integrations.swift.loop import KDLoop, is_distributed, last_checkpoint  # noqa: E402
-from kdcompose.integrations.swift.run_teachers import RunTeachers, trim_like_logits  # noqa: E402
-from kdcompose.integrations.swift.spec import (  # noqa: E402
+from kdcompose.integrations.swift import resume as _exact_resume  # noqa: E402
+from kdcompose.integrations.swift.launch.args import unsupported_setting_issues  # noqa: E402
+from kdcompose.integrations.swift.launch.spec import (  # noqa: E402
     LLM_KD_WEIGHT_ATTR,
     TEACHERS_ATTR,
     composition_for,
 )
-from kdcompose.legacy import legacy_llm_kd_weight  # noqa: E402
-from kdcompose.taps import ModuleTaps, capture  # noqa: E402
+from kdcompose.integrations.swift.teachers import RunTeachers, trim_like_logits  # noqa: E402
+from kdcompose.resolve import legacy_llm_kd_weight  # noqa: E402
 from kdcompose.teachers.sources import DEFAULT, TeacherSource  # noqa: E402
 from kdcompose.terms.base import LossContext, Tap  # noqa: E402
+from kdcompose.training import projectors as _projectors  # noqa: E402
+from kdcompose.training.lm_head import LmHeadTap, LmHeadUnsupported, lm_head_of, tap_lm_head  # noqa: E402
+from kdcompose.training.loop import KDLoop, is_distributed, last_checkpoint  # noqa: E402
+from kdcompose.training.taps import ModuleTaps, capture  # noqa: E402
 
 logger = get_logger()
 
@@ -246,7 +246,7 @@ class KDComposeGKDTrainer(GKDTrainer):
         self.kd_loop.reset_metrics()
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        """ms-swift's save, plus the feature projectors next to the student (kdcompose.projectors)."""
+        """ms-swift's save, plus the feature projectors next to the student (kdcompose.training.projectors)."""
         super()._save(output_dir, state_dict)
         _projectors.save_projectors(self._feature_projectors, output_dir or self.args.output_dir, state_dict)
 

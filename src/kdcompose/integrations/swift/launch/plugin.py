@@ -12,7 +12,7 @@ where `loss_terms:`, `llm_kd_weight:` and `visual_kd:` are top-level keys next t
 Without any of the three keys the run trains exactly like ms-swift's stock GKD trainer.
 
 ms-swift imports this file by path while it parses the arguments (`--external_plugins`); the
-work is done by `kdcompose.integrations.swift.argv.activate_plugin` (see its module doc).
+work is done by `kdcompose.integrations.swift.launch.argv.activate_plugin` (see its module doc).
 """
 
 import os
@@ -25,6 +25,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 while _HERE in (os.path.abspath(p) for p in sys.path[:1]):
     sys.path.pop(0)
 
-from kdcompose.integrations.swift.argv import activate_plugin  # noqa: E402
+from kdcompose.integrations.swift.launch.argv import activate_plugin  # noqa: E402
 
 activate_plugin()

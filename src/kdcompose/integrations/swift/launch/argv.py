@@ -38,7 +38,7 @@ import yaml
 from kdcompose.composer import build_composer
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.legacy import parse_gkd_knobs, resolve_composition
+from kdcompose.resolve import parse_gkd_knobs, resolve_composition
 
 OWN_FLAGS: dict[str, str] = {
     "loss_terms": "rlhf.loss_terms",
@@ -130,7 +130,7 @@ def resolve_from_flags(own: Mapping[str, Any], arguments: Any, given: set[str]) 
 
 def check_arguments(composition: Composition, arguments: Any) -> None:
     """rlhf_type, teacher and unsupported settings, on the half-built `RLHFArguments`."""
-    from kdcompose.integrations.swift.preflight import SETTINGS_READ, setting_issues
+    from kdcompose.integrations.swift.launch.preflight import SETTINGS_READ, setting_issues
 
     values = {k: getattr(arguments, k, None) for k in SETTINGS_READ}
     issues = setting_issues(values, build_composer(composition), {k: f"--{k}" for k in values})
@@ -139,8 +139,8 @@ def check_arguments(composition: Composition, arguments: Any) -> None:
 
 
 def unknown_flag_issues(remaining: Sequence[str]) -> list[ConfigIssue]:
-    from kdcompose.integrations.swift.arg_names import swift_argument_names
-    from kdcompose.integrations.swift.args import suggest
+    from kdcompose.integrations.swift.launch.arg_names import swift_argument_names
+    from kdcompose.integrations.swift.launch.args import suggest
 
     known = [*swift_argument_names(), *OWN_FLAGS]
     issues = []
@@ -177,8 +177,8 @@ def activate_plugin() -> Composition | None:
     from kdcompose.integrations.swift.runtime import prepare_swift_import
 
     prepare_swift_import()
-    from kdcompose.integrations.swift.launch import select_trainer
-    from kdcompose.integrations.swift.spec import attach, set_plugin_composition
+    from kdcompose.integrations.swift.launch.command import select_trainer
+    from kdcompose.integrations.swift.launch.spec import attach, set_plugin_composition
 
     select_trainer()
     parse = find_parse_in_progress(sys._getframe(1))

@@ -55,7 +55,7 @@ def fingerprint(version: str, package_folders: Sequence[Path]) -> str:
 
 def read_from_swift() -> frozenset[str]:
     """The names, read off ms-swift's `RLHFArguments` (imports ms-swift)."""
-    from kdcompose.integrations.swift.args import swift_argument_fields
+    from kdcompose.integrations.swift.launch.args import swift_argument_fields
 
     return frozenset(swift_argument_fields())
 

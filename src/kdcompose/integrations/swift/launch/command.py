@@ -24,13 +24,13 @@ from kdcompose.composer import build_composer
 from kdcompose.config import KDConfig, load_config
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import TRAINER_PATH
-from kdcompose.integrations.swift.args import (
+from kdcompose.integrations.swift.launch.args import (
     coerce_to_fields,
     swift_argument_fields,
 )
-from kdcompose.integrations.swift.engines import prepare_engine
-from kdcompose.integrations.swift.preflight import check_config
+from kdcompose.integrations.swift.launch.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
+from kdcompose.training.engines import prepare_engine
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,7 +101,7 @@ def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
     `training_args` (ms-swift builds those inside `RLHFArguments.__post_init__`)."""
     from swift import RLHFArguments
 
-    from kdcompose.integrations.swift.spec import TEACHERS_ATTR, attach
+    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR, attach
 
     args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
     for target in (args, args.training_args):
@@ -114,7 +114,7 @@ def run(config: KDConfig) -> Any:
     """Train with an already validated config and `swift_kwargs(config)`; returns ms-swift's result."""
     from swift import rlhf_main
 
-    from kdcompose.integrations.swift.spec import set_plugin_composition
+    from kdcompose.integrations.swift.launch.spec import set_plugin_composition
 
     kwargs = swift_kwargs(config)
     arguments = build_arguments(config, kwargs)
@@ -169,7 +169,7 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
         return _run_launcher(command, stderr)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
-    from kdcompose.integrations.swift.run_teachers import TeacherResponseShort
+    from kdcompose.integrations.swift.teachers import TeacherResponseShort
     from kdcompose.nonfinite import NonFiniteLossError
     from kdcompose.teachers.cache import TeacherCacheError
     from kdcompose.teachers.server_client import TeacherServerError

@@ -138,7 +138,7 @@ def module_width(module: nn.Module, io: str = "output") -> int | None:
 
 def tap_width(model: nn.Module, tap: Tap) -> int | None:
     """Width of `tap`'s tensors in `model` (children taps: the first child's), or None."""
-    from kdcompose.taps import TapNotFound, resolve_path
+    from kdcompose.training.taps import TapNotFound, resolve_path
 
     try:
         _, module = resolve_path(_unwrap(model), tap.path)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcompose.config import KDConfig, load_config
-from kdcompose.integrations.swift.launch import build_arguments, swift_kwargs, trainer_selected
+from kdcompose.integrations.swift.launch.command import build_arguments, swift_kwargs, trainer_selected
 from kdcompose.integrations.swift.runtime import prepare_swift_import
 
 
@@ -31,7 +31,7 @@ def build_trainer(config: KDConfig | str | Path, **overrides: Any) -> Any:
 
     if not isinstance(config, KDConfig):
         config = load_config(config)
-    from kdcompose.integrations.swift.spec import set_plugin_composition
+    from kdcompose.integrations.swift.launch.spec import set_plugin_composition
 
     kwargs = {**swift_kwargs(config), **overrides}
     arguments = build_arguments(config, kwargs)

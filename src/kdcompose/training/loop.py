@@ -31,20 +31,20 @@ import torch
 import torch.distributed as dist
 from transformers.training_args import ParallelMode
 
+from kdcompose.compat.deepspeed_skip import SUPPORTED_STAGES
 from kdcompose.composer import CompositionOutput, LossComposer
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.integrations.swift import resume
-from kdcompose.integrations.swift.deepspeed_skip import SUPPORTED_STAGES
-from kdcompose.integrations.swift.guard import SKIPPED_METRIC, NonFiniteGuard
-from kdcompose.integrations.swift.metrics import (
+from kdcompose.nonfinite import SKIP_STEP, describe
+from kdcompose.normalization import GLOBAL_TOKENS, step_token_denominator, valid_token_count
+from kdcompose.training import records as resume
+from kdcompose.training.guard import SKIPPED_METRIC, NonFiniteGuard
+from kdcompose.training.metrics import (
     TermWindow,
     eval_batch_weight,
     is_distributed,
     train_micro_batch_weight,
     zero_where_nonfinite,
 )
-from kdcompose.nonfinite import SKIP_STEP, describe
-from kdcompose.normalization import GLOBAL_TOKENS, step_token_denominator, valid_token_count
 
 
 def _logger() -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.legacy import GkdKnobs, legacy_llm_kd_weight, parse_gkd_knobs, resolve_composition
+from kdcompose.resolve import GkdKnobs, legacy_llm_kd_weight, parse_gkd_knobs, resolve_composition
 
 LOSS_TERMS_ATTR = "kdcompose_loss_terms"
 LLM_KD_WEIGHT_ATTR = "llm_kd_weight"

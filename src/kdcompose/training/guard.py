@@ -36,9 +36,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from kdcompose.compat.deepspeed_skip import resume_schedule, skip_next_update
 from kdcompose.composer import CompositionOutput, LossComposer
-from kdcompose.integrations.swift.deepspeed_skip import resume_schedule, skip_next_update
-from kdcompose.integrations.swift.resume import write_checkpoint_state
 from kdcompose.nonfinite import (
     SKIP_STEP,
     TOTAL,
@@ -49,6 +48,7 @@ from kdcompose.nonfinite import (
     nonfinite_flags,
     verdict,
 )
+from kdcompose.training.records import write_checkpoint_state
 
 SKIPPED_METRIC = "nonfinite_skipped_steps"
 

@@ -33,7 +33,7 @@ def setting_issues(
     remote: frozenset[str] = frozenset(),
 ) -> list[ConfigIssue]:
     """rlhf_type, unsupported GKD settings and a missing teacher, for ms-swift argument `values`."""
-    from kdcompose.integrations.swift.args import (
+    from kdcompose.integrations.swift.launch.args import (
         missing_teacher_issue,
         teacher_terms,
         unsupported_setting_issues,
@@ -64,10 +64,10 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     """Everything the preflight finds in a loaded `KDConfig` (imports ms-swift's argument
     classes, loads no model): unknown argument names first, then the settings."""
     from kdcompose.composer import build_composer
-    from kdcompose.integrations.swift.arg_names import swift_argument_names
-    from kdcompose.integrations.swift.args import unknown_argument_issues
-    from kdcompose.integrations.swift.engines import engine_issues
+    from kdcompose.integrations.swift.launch.arg_names import swift_argument_names
+    from kdcompose.integrations.swift.launch.args import unknown_argument_issues
     from kdcompose.teachers.sources import cache_issues
+    from kdcompose.training.engines import engine_issues
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_names(), paths)
