@@ -25,8 +25,11 @@ import pytest
 import torch
 
 from kdcompose import build_composer, parse_config
+from kdcompose.compat import transformers_checkpoint_keys as checkpoint_keys
+from kdcompose.compat import trl_repeat_sampler
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import resume as exact_resume
+from kdcompose.training import records
 from kdcompose.training.records import COMPOSITION_FILE
 from swift_support import sections, step_logs
 
@@ -160,7 +163,7 @@ def test_a_changed_composition_is_refused_at_start_naming_the_change(lora_run, t
         trainer.train(resume_from_checkpoint=str(lora_run["checkpoint"]))
     message = str(info.value)
     assert "rlhf.loss_terms" in message and "ce.weight: 0.3 -> 0.5" in message
-    assert exact_resume.ALLOW_CHANGES_ENV in message
+    assert records.ALLOW_CHANGES_ENV in message
     assert trainer.state.global_step == 0
     assert not list(Path(trainer.args.output_dir).glob("checkpoint-*"))
 
@@ -171,9 +174,9 @@ def test_the_override_allows_a_changed_composition(lora_run, monkeypatch):
         parse_config({"rlhf": {"loss_terms": {"lm_jsd": {}, "ce": {**CE, "weight": 0.5}}}}).composition
     )
     with pytest.raises(ConfigError):
-        exact_resume.composition_refusal(lora_run["checkpoint"], composer)
-    monkeypatch.setenv(exact_resume.ALLOW_CHANGES_ENV, "1")
-    assert exact_resume.composition_refusal(lora_run["checkpoint"], composer) == ["ce.weight: 0.3 -> 0.5"]
+        records.check_resume_composition(lora_run["checkpoint"], composer)
+    monkeypatch.setenv(records.ALLOW_CHANGES_ENV, "1")
+    assert records.check_resume_composition(lora_run["checkpoint"], composer) == ["ce.weight: 0.3 -> 0.5"]
     assert (lora_run["checkpoint"].parent / COMPOSITION_FILE).is_file()
 
 
@@ -200,12 +203,12 @@ def test_a_model_only_checkpoint_is_announced_as_not_exact(lora_run, tmp_path):
 def test_full_weights_in_the_hub_layout_map_back_to_the_model(full_run):
     """The root cause of the full fine-tuning resume: saved keys are not the model's keys."""
     model = full_run["trainer"].accelerator.unwrap_model(full_run["trainer"].model)
-    mapping, unmapped = exact_resume.saved_key_map(model)
+    mapping, unmapped = checkpoint_keys.saved_key_map(model)
     assert unmapped == []
     renamed = {saved: own for saved, own in mapping.items() if saved != own}
     assert renamed, "transformers 5 saves Qwen2-VL under its original (hub) key names"
     assert renamed.get("model.norm.weight") == "model.language_model.norm.weight"
-    files = exact_resume.full_weight_files(full_run["checkpoint"])
+    files = checkpoint_keys.full_weight_files(full_run["checkpoint"])
     assert files and files[0].name == "model.safetensors"
 
 
@@ -214,14 +217,14 @@ def test_the_replaying_sampler_gives_each_epoch_the_uninterrupted_order():
 
     data = list(range(10))
     whole = RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
-    exact_resume.make_epoch_replayable(whole)
+    trl_repeat_sampler.make_epoch_replayable(whole)
     epochs = []
     for epoch in range(3):
         whole.set_epoch(epoch)
         epochs.append(list(whole))
     stock = RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
     assert epochs == [list(stock) for _ in range(3)], "same order as stock in an uninterrupted run"
-    resumed = exact_resume.make_epoch_replayable(
+    resumed = trl_repeat_sampler.make_epoch_replayable(
         RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
     )
     resumed.set_epoch(2)
@@ -236,10 +239,10 @@ def test_a_missing_trainable_weight_stops_the_resume(tmp_path):
     safetensors.torch.save_file(
         {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)}, tmp_path / "model.safetensors"
     )
-    with pytest.raises(exact_resume.ResumeError, match=r"1\.weight"):
-        exact_resume.load_full_weights(model, tmp_path)
+    with pytest.raises(checkpoint_keys.ResumeError, match=r"1\.weight"):
+        checkpoint_keys.load_full_weights(model, tmp_path)
     safetensors.torch.save_file(
         {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}, tmp_path / "model.safetensors"
     )
-    assert exact_resume.load_full_weights(model, tmp_path) == 4
+    assert checkpoint_keys.load_full_weights(model, tmp_path) == 4
     assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in model.parameters())

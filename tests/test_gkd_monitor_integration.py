@@ -140,7 +140,10 @@ def test_llm_kd_weight_zero_skips_the_teacher_and_the_metric(trainer, batch):
 def test_llm_kd_weight_zero_keeps_visual_kd_hooks_running(trainer, batch):
     teacher = trainer.teacher_model
     with composed(trainer, {"rlhf": {"llm_kd_weight": 0}, "custom": {"visual_kd": VIT_KD}}):
-        assert trainer._student_recorder is not None and trainer._student_recorder.active
+        assert (
+            trainer.kd_attachments.recorders["student"] is not None
+            and trainer.kd_attachments.recorders["student"].active
+        )
         with ForwardCounter(teacher.lm_head) as lm_head, ForwardCounter(teacher.model.visual) as tower:
             loss = _loss(trainer, batch)
         logged = metric_values(trainer)

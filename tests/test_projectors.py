@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from kdcompose import LossContext, build_composer, parse_config
 from kdcompose.compat import ensure_torchvision_importable
 from kdcompose.errors import ConfigError
-from kdcompose.features import FeatureRecorder
+from kdcompose.terms.base import Tap
+from kdcompose.terms.visual_kd import DEFAULT_TARGET_PATHS, EXPAND_CHILDREN
 from kdcompose.testing.tiny_models import build_tiny_model
 from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
 from kdcompose.training.projectors import (
@@ -26,12 +27,13 @@ from kdcompose.training.projectors import (
     LinearProjector,
     ProjectorPlan,
     attach_projectors,
-    infer_feature_width,
     load_projectors,
     plan_projectors,
     projector_key,
     save_projectors,
+    tap_width,
 )
+from kdcompose.training.taps import ModuleTaps
 
 ensure_torchvision_importable()
 
@@ -200,23 +202,33 @@ def test_widths_read_from_the_config_are_the_widths_recorded(family):
     targets = ["vit", "aligner"] + (["deepstack"] if family == "qwen3_vl" else [])
     for role in ("student", "teacher"):
         model = _load(family, role)
-        recorder = FeatureRecorder(model, dict.fromkeys(targets))
-        with torch.no_grad(), recorder, recorder.recording():
-            model(**_image_inputs(model))
-            recorded = recorder.features()
-        for target in targets:
-            assert recorded[target], (family, role, target)
-            widths = {t.shape[-1] for t in recorded[target]}
-            assert widths == {infer_feature_width(model, target)}, (family, role, target)
+        taps = {target: _target_tap(target) for target in targets}
+        recorder = ModuleTaps(model, taps.values())
+        try:
+            with torch.no_grad(), recorder.recording():
+                model(**_image_inputs(model))
+                recorded = recorder.recorded()
+        finally:
+            recorder.close()
+        for target, tap in taps.items():
+            assert recorded[tap], (family, role, target)
+            widths = {t.shape[-1] for t in recorded[tap]}
+            assert widths == {tap_width(model, tap)}, (family, role, target)
+
+
+def _target_tap(target: str, module: str | None = None) -> Tap:
+    """The student tap a `visual_kd` target reads (its default module, or a `module:` override)."""
+    path = module or DEFAULT_TARGET_PATHS[target]
+    return Tap("student", path, children=module is None and target in EXPAND_CHILDREN)
 
 
 @pytest.mark.swift
 def test_widths_of_a_module_override():
     model = _load("qwen2_vl", "student")
-    assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.2") == 64  # a Linear
-    assert infer_feature_width(model, "aligner", "model.visual.blocks.0") == 32  # ends in a 32-wide Linear
-    assert infer_feature_width(model, "aligner", "model.visual.merger.mlp.1") is None  # an activation
-    assert infer_feature_width(model, "aligner", "model.no.such.module") is None
+    assert tap_width(model, _target_tap("aligner", "model.visual.merger.mlp.2")) == 64  # a Linear
+    assert tap_width(model, _target_tap("aligner", "model.visual.blocks.0")) == 32  # ends in a 32-wide Linear
+    assert tap_width(model, _target_tap("aligner", "model.visual.merger.mlp.1")) is None  # an activation
+    assert tap_width(model, _target_tap("aligner", "model.no.such.module")) is None
 
 
 @pytest.mark.swift
@@ -336,13 +348,14 @@ def test_a_closed_recorder_hooks_only_for_a_recording_and_can_reopen(qwen2_vl_pa
     student, _ = qwen2_vl_pair
     merger = student.model.visual.merger
     before = len(merger._forward_hooks)
-    recorder = FeatureRecorder(student, {"aligner": None})
+    tap = _target_tap("aligner")
+    recorder = ModuleTaps(student, [tap])
     recorder.close()
     assert len(merger._forward_hooks) == before
     with torch.no_grad(), recorder.recording():
         assert len(merger._forward_hooks) == before + 1
         student(**_image_inputs(student))
-        assert len(recorder.features()["aligner"]) == 1
+        assert len(recorder.recorded()[tap]) == 1
     assert len(merger._forward_hooks) == before, "a closed recorder leaves no hook after recording"
     recorder.open()
     recorder.open()

@@ -22,13 +22,13 @@ from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import plugin_path
 from kdcompose.integrations.swift.launch.argv import parse_flag_value, take_own_flags, unknown_flag_issues
 from kdcompose.integrations.swift.launch.command import swift_kwargs, train
-from kdcompose.integrations.swift.launch.spec import plugin_composition, set_plugin_composition
 from kdcompose.integrations.swift.runtime import (
     ALLOW_UNTESTED_ENV,
     SwiftUnavailableError,
     check_swift_version,
     is_tested_version,
 )
+from kdcompose.training.records import loss_terms_of
 from swift_support import (
     args_json,
     kdcompose_command,
@@ -247,17 +247,29 @@ def _restore_swift_globals():
     yield
     TrainerFactory.TRAINER_MAPPING.clear()
     TrainerFactory.TRAINER_MAPPING.update(saved)
-    set_plugin_composition(None)
+    _expected_trainer_run(None)
+
+
+def _expected_trainer_run(clear: object = "read"):
+    """What the plugin handed to the next trainer (`KDComposeGKDTrainer.expect`); clears it when
+    called with None."""
+    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
+
+    if clear is None:
+        KDComposeGKDTrainer.expect(None)
+        return None
+    return KDComposeGKDTrainer._expected
 
 
 def _parse_with_plugin(argv: list[str]):
     """ms-swift's own argument parsing (`swift rlhf` does exactly this) with our plugin."""
-    from swift import RLHFArguments
     from swift.utils import parse_args
+
+    from swift import RLHFArguments
 
     for name in [m for m in sys.modules if m.startswith("_swift_external_")]:
         del sys.modules[name]  # ms-swift imports a plugin file once per process
-    set_plugin_composition(None)
+    _expected_trainer_run(None)
     return parse_args(RLHFArguments, [*argv, "--external_plugins", str(plugin_path())])
 
 
@@ -268,14 +280,15 @@ def test_plugin_consumes_its_flags_during_swift_argument_parsing(tmp_path):
     argv += ["--llm_kd_weight", "0.5", "--visual_kd", json.dumps(VISUAL)]
     try:
         args, remaining = _parse_with_plugin(argv)
-        parked = plugin_composition()
+        parked = _expected_trainer_run()
     finally:
-        set_plugin_composition(None)
+        _expected_trainer_run(None)
     assert remaining == []
-    assert parked is not None
-    assert parked.term("lm_jsd").weight == 0.5 and parked.term("ce").weight == 0.2
-    assert parked.term("visual_kd").weight == 0.5
-    assert args.llm_kd_weight == 0.5 and args.kdcompose_loss_terms == parked.to_loss_terms()
+    assert parked is not None and parked.origin == "the kdcompose ms-swift plugin"
+    composer = parked.composer
+    assert composer.term("lm_jsd").weight == 0.5 and composer.term("ce").weight == 0.2
+    assert composer.term("visual_kd").weight == 0.5
+    assert args.llm_kd_weight == 0.5 and args.kdcompose_loss_terms == loss_terms_of(composer)
 
 
 @pytest.mark.parametrize(
@@ -297,7 +310,7 @@ def test_plugin_rejects_bad_flags_before_any_model_loads(tmp_path, extra, expect
         with pytest.raises(ConfigError) as info:
             _parse_with_plugin(argv)
     finally:
-        set_plugin_composition(None)
+        _expected_trainer_run(None)
     assert expected in str(info.value)
 
 

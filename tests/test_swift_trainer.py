@@ -14,8 +14,8 @@ import torch
 
 from kdcompose import LossContext, build_composer, parse_config
 from kdcompose.errors import ConfigError
-from kdcompose.features import FeatureRecorder
 from kdcompose.functional.vocab import VocabMismatchError
+from kdcompose.training.taps import ModuleTaps
 from swift_support import ForwardCounter, composed, fresh, metric_values, prepared_inputs, shared_trainer
 
 pytestmark = [
@@ -176,21 +176,17 @@ def test_visual_only_runs_the_teacher_vision_tower_but_not_its_language_model(tr
 
     # Oracle: the same term on features recorded from full forwards of both models.
     inputs = {k: v for k, v in dataset_inputs["model_inputs"].items() if k != "labels"}
-    with (
-        torch.no_grad(),
-        FeatureRecorder(trainer.model, {"vit": None}) as s_rec,
-        FeatureRecorder(teacher, {"vit": None}, detach=True) as t_rec,
-        s_rec.recording(),
-        t_rec.recording(),
-    ):
-        trainer.model(**inputs)
-        teacher(**inputs)
-        pair = composer.term("visual_kd").pair("vit")
-        ctx = LossContext(
-            taps={pair.student: s_rec.features()["vit"], pair.teacher: t_rec.features()["vit"]},
-            has_images=True,
-        )
-        expected = 2.0 * composer.term("visual_kd").compute(ctx).value
+    pair = composer.term("visual_kd").pair("vit")
+    s_rec, t_rec = ModuleTaps(trainer.model, [pair.student]), ModuleTaps(teacher, [pair.teacher], detach=True)
+    try:
+        with torch.no_grad(), s_rec.recording(), t_rec.recording():
+            trainer.model(**inputs)
+            teacher(**inputs)
+            ctx = LossContext(taps={**s_rec.recorded(), **t_rec.recorded()}, has_images=True)
+            expected = 2.0 * composer.term("visual_kd").compute(ctx).value
+    finally:
+        s_rec.close()
+        t_rec.close()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

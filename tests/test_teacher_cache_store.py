@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdcompose.functional import teacher_topk
 from kdcompose.teachers.cache import (
     FORMAT,
     SampleRows,
     TeacherCache,
     TeacherCacheError,
-    teacher_topk,
     write_manifest,
     write_shard,
 )

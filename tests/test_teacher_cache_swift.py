@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from kdcompose.teachers.cache import TeacherCache, teacher_topk
+from kdcompose.functional import teacher_topk
+from kdcompose.teachers.cache import TeacherCache
 from swift_support import kdcompose_command, run_command, sections, shared_trainer, write_config
 
 pytestmark = [

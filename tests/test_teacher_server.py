@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from kdcompose.compat.swift_teacher_client import install_vllm_free_teacher_client
 from kdcompose.serve.process import ServerProcess, free_port
 from kdcompose.teachers.server_client import (
     TeacherResponseError,
@@ -25,7 +26,6 @@ from kdcompose.teachers.server_client import (
     TeacherServerError,
     TeacherServerUnavailable,
     VLLMFreeInferClient,
-    install_vllm_free_teacher_client,
     parse_prompt_logprobs,
 )
 from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_gkd_args

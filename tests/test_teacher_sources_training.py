@@ -222,7 +222,7 @@ def test_a_server_failure_on_the_main_process_reaches_every_rank_through_the_bro
     """The main process turns the failure into a value that ms-swift's broadcast hands to every
     rank, and each rank raises the same error naming the URL -- instead of the main process
     raising alone while the others wait in the broadcast."""
-    from kdcompose.integrations.swift.trainer import TeacherFetchFailure
+    from kdcompose.integrations.swift.teachers import TeacherFetchFailure
     from kdcompose.teachers.server_client import TeacherServerError, TeacherServerUnavailable
     from swift_support import shared_trainer
 

@@ -393,7 +393,7 @@ def qwen3_vl_run():
         max_steps=4,
     )
     trainer = _build(config)
-    hooked = [h.name for h in trainer._student_recorder.hooked if h.tap.children]
+    hooked = [h.name for h in trainer.kd_attachments.recorders["student"].hooked if h.tap.children]
     trainer.train()
     return SimpleNamespace(trainer=trainer, rows=_rows(trainer), hooked=hooked)
 
@@ -431,7 +431,7 @@ def qwen2_5_vl_lora_run():
         save_steps=2,
     )
     trainer = _build(config)
-    hooked = [h.name for h in trainer._student_recorder.hooked]
+    hooked = [h.name for h in trainer.kd_attachments.recorders["student"].hooked]
     key = f"{PROJECTOR_ATTR}.{ALIGNER_KEY}.weight"  # on the PEFT model itself, next to base_model
     params = dict(trainer.model.named_parameters())
     before = params[key].detach().clone() if key in params else None

@@ -17,7 +17,7 @@ EXIT_INVALID = 2
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kdcompose.composer import build_composer, describe_terms
+    from kdcompose.composer import describe_terms
     from kdcompose.config import load_config
 
     if args.json and len(args.configs) != 1:
@@ -32,7 +32,7 @@ def _validate(args: argparse.Namespace) -> int:
             print(exc.render(), file=sys.stderr)
             status = EXIT_INVALID
             continue
-        composer = build_composer(config.composition)
+        composer = config.composer
         rows = describe_terms(composer)
         if args.json:
             payload = {

@@ -18,9 +18,11 @@ import importlib.util
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from kdcompose.composer import LossComposer
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.resolve import (
@@ -58,6 +60,13 @@ class KDConfig:
     teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
     """Teachers that are caches or servers, by name (`""`: the default teacher)."""
 
+    @cached_property
+    def composer(self) -> LossComposer:
+        """The composition's terms, built once for the run (every later stage reads this one)."""
+        composer = LossComposer.from_composition(self.composition)
+        composer.remote_teachers = frozenset(self.teachers)
+        return composer
+
     @property
     def llm_kd_weight(self) -> float:
         """The runtime LM-head KD weight (the `lm_jsd` term's weight; 0 if disabled)."""
@@ -67,9 +76,7 @@ class KDConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        from kdcompose.composer import build_composer
-
-        return build_composer(self.composition).needs.teacher
+        return self.composer.needs.teacher
 
 
 def _import_plugin(entry: str, base_dir: Path | None) -> None:
@@ -190,13 +197,9 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
         own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
     )
     teachers = parse_sources(own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues)
-    if composition is not None and not issues:
-        from kdcompose.composer import build_composer
-
-        issues += source_issues(teachers, build_composer(composition), swift_args, arg_paths)
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
-    return KDConfig(
+    config = KDConfig(
         composition=composition,
         swift_args=swift_args,
         arg_paths=arg_paths,
@@ -204,6 +207,10 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
         source=source,
         teachers=teachers,
     )
+    issues += source_issues(teachers, config.composer, swift_args, arg_paths)
+    if issues:
+        raise ConfigError(issues, source=source)
+    return config
 
 
 def parse_config_text(text: str, source: str | None = None) -> KDConfig:

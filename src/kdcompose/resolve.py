@@ -1,4 +1,4 @@
-"""Legacy translation: resolve the loss composition from `rlhf.loss_terms` and ms-swift's knobs.
+"""The resolver: the loss composition from `rlhf.loss_terms` and ms-swift's GKD knobs.
 
 The one module that knows built-in term names: it turns `rlhf.llm_kd_weight`,
 `rlhf.sft_alpha`, `rlhf.beta` / `rlhf.temperature` and `custom.visual_kd` into explicit
@@ -230,6 +230,24 @@ def _resolve_ce(
             )
         spec = spec.model_copy(update={"weight": knobs.sft_alpha})
     return ResolvedTerm("ce", type_name, spec, path)
+
+
+def stock_gkd_composition(
+    beta: Any, temperature: Any, sft_alpha: Any, gkd_logits_topk: Any = None
+) -> Composition:
+    """ms-swift's own GKD loss for these argument values: what a run with no kdcompose key trains."""
+    issues: list[ConfigIssue] = []
+    values = {
+        "beta": beta,
+        "temperature": temperature,
+        "sft_alpha": sft_alpha,
+        "gkd_logits_topk": gkd_logits_topk,
+    }
+    knobs = parse_gkd_knobs(values, {k: k for k in values}, issues)
+    composition = resolve_composition(None, None, None, knobs, issues)
+    if issues or composition is None:
+        raise ConfigError(issues or [ConfigIssue("", "invalid GKD arguments")], source="ms-swift arguments")
+    return composition
 
 
 def raise_if(issues: list[ConfigIssue], source: str | None = None) -> None:

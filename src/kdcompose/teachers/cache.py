@@ -58,23 +58,6 @@ class TeacherCacheError(RuntimeError):
     """A cache that cannot serve a request (missing sample, mismatched batch, broken directory)."""
 
 
-def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K of ``log_softmax(logits / T)`` in float32: ``(logprobs [..., K], ids int64 [..., K])``.
-
-    Uses ``kdcompose.functional.teacher_topk`` when it exists (the shared top-k math); this
-    private equivalent keeps the cache working until it lands. Sorted by descending probability.
-    """
-    try:
-        from kdcompose.functional import teacher_topk as shared  # type: ignore[attr-defined]
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(logits, k, temperature=temperature)
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, ids = logprobs.topk(k, dim=-1, sorted=True)
-    return values, ids.to(torch.int64)
-
-
 # --------------------------------------------------------------------------- fingerprints
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.functional import teacher_topk
 from kdcompose.teachers.cache import (
     DTYPES,
     FORMAT,
@@ -48,7 +49,6 @@ from kdcompose.teachers.cache import (
     TeacherCache,
     model_fingerprint,
     read_manifest,
-    teacher_topk,
     template_fingerprint,
     template_name,
     tokenizer_fingerprint,

@@ -15,9 +15,10 @@ Two ways in:
 - Standalone: ``TeacherServerClient(url, api_key=None).topk_logprobs(infer_requests, k)`` returns,
   per request, ``(logprobs, token_ids)``: ``[positions][k]`` lists, exactly what ms-swift's
   ``parse_prompt_logprobs`` returns (top-k by log-prob; vLLM's extra actual-token entry dropped).
-- Inside ms-swift's stock trainer: :func:`install_vllm_free_teacher_client` (only when vLLM is not
-  importable) makes ``RolloutTrainerMixin._setup_teacher`` construct :class:`VLLMFreeInferClient`,
-  which has the constructor and ``infer`` signature the trainer uses of ``VLLMInferClient``.
+- Inside ms-swift's stock trainer: ``kdcompose.compat.swift_teacher_client``'s
+  ``install_vllm_free_teacher_client`` (only when vLLM is not importable) makes
+  ``RolloutTrainerMixin._setup_teacher`` construct :class:`VLLMFreeInferClient`, which has
+  the constructor and ``infer`` signature the trainer uses of ``VLLMInferClient``.
 
 Faults (all bounded; every error names the URL):
 
@@ -62,9 +63,7 @@ __all__ = [
     "TeacherServerError",
     "TeacherServerUnavailable",
     "VLLMFreeInferClient",
-    "install_vllm_free_teacher_client",
     "parse_prompt_logprobs",
-    "vllm_available",
 ]
 
 DEFAULT_WAIT_S = 120.0
@@ -434,31 +433,3 @@ class VLLMFreeInferClient:
             if chunk:
                 out.extend(client.infer(chunk, request_config, use_tqdm=use_tqdm))
         return out
-
-
-def vllm_available() -> bool:
-    """Whether vLLM can be imported (ms-swift's own ``is_vllm_available`` test)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def install_vllm_free_teacher_client(*, force: bool = False) -> bool:
-    """Make ms-swift's stock trainers build :class:`VLLMFreeInferClient` for ``teacher_model_server``.
-
-    Only when vLLM is not importable (or ``force``): with vLLM installed ms-swift's own client works
-    and is left alone. What is patched: the name ``VLLMInferClient`` in
-    ``swift.rlhf_trainers.rollout_mixin`` — the module-level symbol ``_setup_teacher`` looks up when
-    it builds ``self.teacher_clients`` (``from .vllm_client import VLLMInferClient`` there). The class
-    in ``swift.rlhf_trainers.vllm_client`` itself is untouched, so nothing else (rollout weight sync,
-    GRPO's vLLM server mode, which genuinely needs vLLM) changes. Idempotent. Returns whether
-    kdcompose's client is in place.
-    """
-    from swift.rlhf_trainers import rollout_mixin
-
-    if rollout_mixin.VLLMInferClient is VLLMFreeInferClient:
-        return True
-    if vllm_available() and not force:
-        return False
-    rollout_mixin.VLLMInferClient = VLLMFreeInferClient
-    return True

@@ -224,6 +224,9 @@ class LossContext:
     step_token_denominator: torch.Tensor | None = None
     """`D = N / (R G)` of the current optimizer step for `normalize: global_tokens`
     (kdcompose.normalization); None outside a trainer that counts it (then: micro-batch mean)."""
+    vocab_size: int | None = None
+    """The tokenizer's size: LM terms align teacher and student logits whose widths differ only
+    by padding with it (`kdcompose.functional.vocab`); None when unknown."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Free-form values a custom training loop passes to its own terms."""
 

@@ -8,6 +8,7 @@ teacher. `missing_mass` names what happens to the probability outside those K to
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -23,6 +24,7 @@ from kdcompose.functional import (
     topk_generalized_jsd,
     topk_mass,
 )
+from kdcompose.functional.vocab import align_labelled_rows
 from kdcompose.registry import register_term
 from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
 from kdcompose.sharding import call_through_head
@@ -112,6 +114,11 @@ class LmJsdTerm(LossTerm):
         return issues
 
     def compute(self, ctx: LossContext) -> torch.Tensor | TermValue:
+        if ctx.student_logits is not None and ctx.teacher_logits is not None and ctx.labels is not None:
+            student, teacher, labels = align_labelled_rows(
+                ctx.student_logits, ctx.teacher_logits, ctx.labels, vocab_size=ctx.vocab_size
+            )
+            ctx = replace(ctx, student_logits=student, teacher_logits=teacher, labels=labels)
         if self.spec.topk is not None:
             return self._topk(ctx)
         return self._fused_mean(ctx) if self.spec.fused else self._logits_mean(ctx)

@@ -1,9 +1,10 @@
 """`NonFiniteGuard`: stop or skip an optimizer step whose loss terms went NaN/inf.
 
-A transformers `TrainerCallback`. Once per optimizer step, before the update is applied, the
-guard reduces the step's flags over ranks (one small all-reduce and one host read per
-optimizer step; never per micro-batch), asks `kdcompose.nonfinite.verdict` what to do, and
-either
+Framework-neutral: a training loop calls it at the step boundary (for transformers' `Trainer`
+family, `kdcompose.integrations.transformers.KDLoopCallback` does). Once per optimizer step,
+before the update is applied, the guard reduces the step's flags over ranks (one small
+all-reduce and one host read per optimizer step; never per micro-batch), asks
+`kdcompose.nonfinite.verdict` what to do, and either
 
 * raises `NonFiniteLossError` naming the term(s) and the step -- the weights stay those of
   the previous step (default, `on_nonfinite: error`), or
@@ -14,12 +15,13 @@ either
 
 When the decision is taken depends on who applies the update:
 
-* the trainer's `optimizer.step()` (no DeepSpeed): in `on_pre_optimizer_step`, the last
+* the trainer's `optimizer.step()` (no DeepSpeed): in `before_optimizer_step`, the last
   moment before it; a skip drops every gradient (`param.grad = None`);
 * DeepSpeed, whose engine steps inside accelerate's `backward` of the step's last
   micro-batch: in `compute_loss` of that micro-batch (`decide_before_engine_step`, called by
   the trainer), before `backward`; a skip takes DeepSpeed's own overflow path
-  (`deepspeed_skip`), and `on_optimizer_step` advances the LR schedule DeepSpeed left alone.
+  (`compat.deepspeed_skip`), and `after_optimizer_step` advances the LR schedule DeepSpeed left
+  alone.
 
 Evaluation has no optimizer step: the flags of an evaluation are checked when it is logged
 (error: raise; skip_step: the batch counts 0, with a warning). The count of skipped steps is
@@ -28,13 +30,11 @@ saved into every checkpoint (`kdcompose_state.json`) and restored on resume.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
 
 from kdcompose.compat.deepspeed_skip import resume_schedule, skip_next_update
 from kdcompose.composer import CompositionOutput, LossComposer
@@ -53,7 +53,7 @@ from kdcompose.training.records import write_checkpoint_state
 SKIPPED_METRIC = "nonfinite_skipped_steps"
 
 
-class NonFiniteGuard(TrainerCallback):
+class NonFiniteGuard:
     """Per-mode non-finite flags of the active terms, and what happens at the step boundary."""
 
     def __init__(
@@ -115,14 +115,16 @@ class NonFiniteGuard(TrainerCallback):
             dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         return verdict([tuple(map(bool, row)) for row in reduced.tolist()], self.names, self.policies)
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.flags.clear()
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def before_optimizer_step(self, global_step: int, model: Any = None, optimizer: Any = None) -> bool:
+        """Right before the optimizer applies step `global_step` (no DeepSpeed): raise, or drop
+        every gradient of `model` and `optimizer` so the update changes nothing. Returns whether
+        the step is skipped."""
         if self.engine_steps_in_backward:
-            return  # decided in compute_loss, before the engine stepped
-        if self._decide(state.global_step):
-            _drop_gradients(_parameters(kwargs.get("model"), kwargs.get("optimizer")))
+            return False  # decided in compute_loss, before the engine stepped
+        skip = self._decide(global_step)
+        if skip:
+            _drop_gradients(_parameters(model, optimizer))
+        return skip
 
     def decide_before_engine_step(self, global_step: int, engine: Any) -> None:
         """Under DeepSpeed, in `compute_loss` of a step's last micro-batch (before `backward`,
@@ -131,10 +133,12 @@ class NonFiniteGuard(TrainerCallback):
             skip_next_update(engine)
             self._skipping_engine = engine
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def after_optimizer_step(self, lr_scheduler: Any = None) -> None:
+        """After the optimizer step: a DeepSpeed step skipped through the overflow path leaves the
+        LR schedule where it was; advance it, as a skipped step does without DeepSpeed."""
         engine, self._skipping_engine = self._skipping_engine, None
         if engine is not None:
-            resume_schedule(engine, kwargs.get("lr_scheduler"))
+            resume_schedule(engine, lr_scheduler)
 
     def _decide(self, global_step: int) -> bool:
         """Take the train verdict: raise for `error`, count and return True for a skip."""
@@ -147,13 +151,11 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps += 1
         return True
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Record the skip count in the checkpoint just saved, for a resumed run to continue it."""
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            write_checkpoint_state(
-                folder, {SKIPPED_METRIC: self.skipped_steps, "global_step": state.global_step}
-            )
+    def save_state(self, checkpoint_dir: str, global_step: int) -> None:
+        """Record the skip count in a checkpoint just saved, for a resumed run to continue it."""
+        write_checkpoint_state(
+            checkpoint_dir, {SKIPPED_METRIC: self.skipped_steps, "global_step": global_step}
+        )
 
     def check_eval(self, global_step: int) -> Verdict:
         """After an evaluation: raise for `error` terms, report the rest (the caller warns)."""

@@ -134,3 +134,21 @@ def tap_lm_head(model: nn.Module, *, hidden: bool, logits: bool, freeze: bool = 
             "states from it (fused lm_jsd) needs a model that computes its logits with one call of "
             "get_output_embeddings(): set `fused: false`"
         )
+
+
+def lm_head_width(model: nn.Module) -> int | None:
+    """Rows of the model's LM head, read from its structure (works under ZeRO-3, where the weight
+    itself is partitioned), else its config's `vocab_size`; None when neither says."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        width = getattr(head, "out_features", None)
+        if width:
+            return int(width)
+        weight = getattr(head, "weight", None)
+        shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", None)
+        if shape is not None and len(shape) and shape[0]:
+            return int(shape[0])
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "vocab_size", None)

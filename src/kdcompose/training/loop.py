@@ -15,28 +15,29 @@ delegating the logic to a pure or single-purpose module:
   run is interrupted (Ctrl-C);
 * resume (`resume`): the composition file in the run folder, the counters in checkpoints.
 
-Relies on ms-swift 4.6 / transformers 5.19 internals that are pinned and tested, all read
-through `LoopHost`: `current_gradient_accumulation_steps`, GKD's `_step` / `_buffered_inputs`
-micro-batch buffer (one generation batch = `steps_per_generation` micro-batches), and that
-`log` runs on every rank.
+Framework-neutral: it imports neither ms-swift nor transformers' `Trainer`. What it reads from
+the trainer it serves is declared in `LoopHost` (ms-swift's GKD trainer satisfies it; its
+optional members, read with a default, are ms-swift GKD's `_step` / `_buffered_inputs`
+micro-batch buffer and transformers' `current_gradient_accumulation_steps`); the step-boundary
+callbacks for transformers' `Trainer` family are `kdcompose.integrations.transformers`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from transformers.training_args import ParallelMode
 
 from kdcompose.compat.deepspeed_skip import SUPPORTED_STAGES
 from kdcompose.composer import CompositionOutput, LossComposer
 from kdcompose.errors import ConfigError, ConfigIssue
+from kdcompose.log import logger
 from kdcompose.nonfinite import SKIP_STEP, describe
 from kdcompose.normalization import GLOBAL_TOKENS, step_token_denominator, valid_token_count
 from kdcompose.training import records as resume
+from kdcompose.training.checkpoints import last_checkpoint
 from kdcompose.training.guard import SKIPPED_METRIC, NonFiniteGuard
 from kdcompose.training.metrics import (
     TermWindow,
@@ -45,12 +46,6 @@ from kdcompose.training.metrics import (
     train_micro_batch_weight,
     zero_where_nonfinite,
 )
-
-
-def _logger() -> Any:
-    from swift.utils import get_logger
-
-    return get_logger()
 
 
 class LoopHost(Protocol):
@@ -62,7 +57,7 @@ class LoopHost(Protocol):
 
     args: Any
     """TrainingArguments: device, output_dir, gradient_accumulation_steps, steps_per_generation,
-    eval_batch_size, parallel_mode, hf_deepspeed_config."""
+    eval_batch_size, hf_deepspeed_config."""
     accelerator: Any
     """sync_gradients, gradient_state, process_index, num_processes, is_main_process."""
     state: Any
@@ -75,8 +70,6 @@ class LoopHost(Protocol):
     deepspeed: Any
     """The DeepSpeed engine (set by transformers once training starts)."""
     kd_composer: LossComposer
-
-    def add_callback(self, callback: Any) -> None: ...
 
 
 class KDLoop:
@@ -91,7 +84,6 @@ class KDLoop:
             host.kd_composer, host.args.device, engine_steps_in_backward=bool(host.is_deepspeed_enabled)
         )
         self._guard_composer = host.kd_composer
-        host.add_callback(self._guard)
 
     def guard(self) -> NonFiniteGuard:
         """The guard, reconfigured when `use_composer` swapped the composition."""
@@ -179,7 +171,7 @@ class KDLoop:
         if mode == "eval":
             result = guard.check_eval(int(self.host.state.global_step))
             if result.skip and self.host.accelerator.is_main_process:
-                _logger().warning(
+                logger.warning(
                     f"kdcompose: non-finite values during evaluation ({describe(result.offending)}); "
                     "those batches count as 0 in the evaluation metrics (on_nonfinite: skip_step)"
                 )
@@ -212,12 +204,12 @@ class KDLoop:
         if checkpoint:
             changes = resume.resume_changes(checkpoint, self.host.kd_composer)
             if changes:
-                _logger().warning(
+                logger.warning(
                     f"kdcompose: resuming from {checkpoint} with a different loss composition than that run "
                     f"recorded: {'; '.join(changes)}"
                 )
         path = resume.write_composition(self.host.args.output_dir, self.host.kd_composer)
-        _logger().info(f"kdcompose: composition recorded in {path}")
+        logger.info(f"kdcompose: composition recorded in {path}")
 
     def check_loop_settings(self) -> None:
         issues = []
@@ -251,16 +243,6 @@ class KDLoop:
                                 "on_nonfinite: error",
                             )
                         )
-        if is_distributed() and self.host.args.parallel_mode != ParallelMode.DISTRIBUTED:
-            issues.append(
-                ConfigIssue(
-                    "training.use_cpu",
-                    f"{dist.get_world_size()} processes were launched but transformers did not set up "
-                    "distributed data parallel (on a machine without GPUs `ddp_backend: gloo` alone is not "
-                    "enough): every rank would train its own copy of the model and log its own loss. Set "
-                    "`use_cpu: true` (with `ddp_backend: gloo`), or launch on GPUs",
-                )
-            )
         if issues:
             raise ConfigError(issues, source="kdcompose trainer")
 
@@ -270,7 +252,7 @@ class KDLoop:
             return
         last = last_checkpoint(self.host.args.output_dir)
         where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
-        _logger().warning(
+        logger.warning(
             f"kdcompose: training interrupted (Ctrl-C) at global_step {self.host.state.global_step}/"
             f"{self.host.state.max_steps}; feature hooks removed; {where}"
         )
@@ -288,16 +270,6 @@ def resume_checkpoint(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, An
     if value is True:
         return last_checkpoint(trainer.args.output_dir)
     return str(value) if value else None
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder under `output_dir`, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    try:
-        return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
-    except OSError:
-        return None
 
 
 __all__ = ["KDLoop", "LoopHost", "is_distributed", "last_checkpoint", "resume_checkpoint"]

@@ -152,18 +152,6 @@ def tap_width(model: nn.Module, tap: Tap) -> int | None:
     return module_width(module, tap.io)
 
 
-def infer_feature_width(model: nn.Module, target: str, module: str | None = None) -> int | None:
-    """Width of a visual KD target (`vit` / `aligner` / `deepstack` default paths, or a
-    `module:` override) in `model`; kept for scripts that called it before module taps."""
-    from kdcompose.features import DEFAULT_TARGET_PATHS, EXPAND_CHILDREN
-
-    path = module or DEFAULT_TARGET_PATHS.get(target)
-    if path is None:
-        return None
-    children = module is None and target in EXPAND_CHILDREN
-    return tap_width(model, Tap("student", path, children=children))
-
-
 # ---------------------------------------------------------------------- planning and attaching
 
 

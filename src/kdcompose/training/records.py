@@ -11,15 +11,16 @@
 Everything else a resumed run needs is already a function of the restored `global_step`:
 the schedules are pure functions of the step, the composition is rebuilt from the config,
 and the metric windows start empty exactly like the trainer's own `loss` accumulator.
-Resuming with a different composition is refused at train start by `exact_resume`
-(`composition_refusal`, naming what changed) unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1`; then
-it is logged as a warning that names what changed. `exact_resume` also restores what stock
+Resuming with a different composition is refused at train start
+(`check_resume_composition`, naming what changed) unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1`; then
+it is logged as a warning that names what changed. `integrations.swift.resume` also restores what stock
 ms-swift does not (full fine-tuned weights, per-epoch data order, the GKD micro-batch counter).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ import yaml
 
 from kdcompose.composer import LossComposer
 from kdcompose.composition import loss_terms_block
+from kdcompose.errors import ConfigError
 
+ALLOW_CHANGES_ENV = "KDCOMPOSE_RESUME_ALLOW_CHANGES"
+"""Set to 1 to resume from a checkpoint whose recorded loss composition differs from the config."""
 COMPOSITION_FILE = "kdcompose_composition.yaml"
 STATE_FILE = "kdcompose_state.json"
 
@@ -112,9 +116,30 @@ def read_checkpoint_state(checkpoint_dir: str | Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def check_resume_composition(checkpoint: str | Path, composer: LossComposer) -> list[str]:
+    """What differs from the checkpoint's recorded composition (`resume_changes`).
+
+    Raises a `ConfigError` at `rlhf.loss_terms` naming every difference, unless
+    `KDCOMPOSE_RESUME_ALLOW_CHANGES=1` allows it (the loop then logs the differences as a warning).
+    """
+    changes = resume_changes(checkpoint, composer) or []
+    allowed = os.environ.get(ALLOW_CHANGES_ENV, "").strip().lower() in ("1", "true", "yes")
+    if changes and not allowed:
+        raise ConfigError.single(
+            "rlhf.loss_terms",
+            f"differs from the composition the checkpoint's run recorded ({COMPOSITION_FILE}): "
+            f"{'; '.join(changes)}. Resume with the recorded composition, or set {ALLOW_CHANGES_ENV}=1 to "
+            "continue with this one on purpose",
+            source=f"(resume_from_checkpoint: {checkpoint})",
+        )
+    return changes
+
+
 __all__ = [
+    "ALLOW_CHANGES_ENV",
     "COMPOSITION_FILE",
     "STATE_FILE",
+    "check_resume_composition",
     "composition_changes",
     "composition_record",
     "loss_terms_of",

@@ -12,18 +12,27 @@ once the trainer exists and hands each micro-batch's top-K to the loss:
   when a term that reads it runs at that step.
 
 All return full-sequence `[B, S, K]` top-K aligned with the logits positions of the untrimmed
-batch; `trim_like_logits` applies ms-swift's `logits_to_keep` to them.
+batch (`kdcompose.training.context.build_context` trims them like the logits).
+
+A server failure stops every rank together, naming the URL and the checkpoint to resume from:
+a named server's outcome is compared across ranks (one small all-gather per generation batch),
+the default server's failure travels through ms-swift's own broadcast (`infer_or_failure`,
+`scatter_or_stop`), so no rank waits in a collective until the process-group timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from swift.utils import get_logger
 
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.teachers.sources import DEFAULT, TeacherSource
+from kdcompose.training.checkpoints import last_checkpoint
+from kdcompose.training.metrics import is_distributed
 
 NAMED_TOPK_KEY = "kdcompose_teacher_topk"
 """Key of a micro-batch's dict holding the named servers' top-K, filled when it is prepared."""
@@ -139,17 +148,6 @@ class RunTeachers:
         return out
 
 
-def trim_like_logits(tensor: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
-    """`tensor` ([B, S, ...], full sequence) trimmed the way ms-swift's `prepare_logits_to_keep`
-    trimmed the logits: the last N positions, or the positions of a boolean mask (batch of 1)."""
-    if logits_to_keep is None:
-        return tensor
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
-        return tensor[:, logits_to_keep.to(tensor.device)]
-    n = int(logits_to_keep)
-    return tensor[:, -n:] if n > 0 else tensor
-
-
 def _check_lengths(name: str, url: str, parsed: list[Any], target: Mapping[str, Any]) -> None:
     """A server answer must cover every token of its sample: ms-swift's assembler would quietly
     use the shorter of the two, training on a misaligned teacher."""
@@ -171,3 +169,92 @@ def _check_lengths(name: str, url: str, parsed: list[Any], target: Mapping[str, 
 
 class TeacherResponseShort(RuntimeError):
     """A named teacher server answered fewer positions or samples than the micro-batch has."""
+
+
+@dataclass(frozen=True)
+class TeacherFetchFailure:
+    """What a rank reports instead of the teacher's answer when its server failed."""
+
+    message: str
+    url: str
+
+
+def stop_message(trainer: Any, url: str, detail: str) -> str:
+    last = last_checkpoint(trainer.args.output_dir)
+    where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+    return (
+        f"the teacher server {url} failed at global step {trainer.state.global_step} {detail}; every rank "
+        f"stopped; {where}"
+    )
+
+
+def fetch_named(trainer: Any, chunks: list[dict[str, Any]], samples: list[Any]) -> list[dict[str, Any]]:
+    """The trainer's `_prepare_batch_inputs` after ms-swift's encoding: the top-K of the named
+    servers that a term reads at this step. Each rank asks for its own samples; then the ranks
+    compare notes, so a failure on any rank stops every rank together."""
+    teachers: RunTeachers | None = trainer.kd_teachers
+    if teachers is None or not teachers.servers:
+        return chunks
+    live = trainer.kd_composer.needs_at(int(trainer.state.global_step)).topk_teachers
+    if not teachers.servers_read(live):
+        return chunks
+    failure = None
+    try:
+        teachers.prepare_named(chunks, trainer.split_by_mini_batches(samples), trainer.template, live)
+    except Exception as error:
+        if not is_distributed():
+            raise
+        url = getattr(error, "url", None) or ", ".join(teachers.server_urls(live))
+        failure = TeacherFetchFailure(f"{type(error).__name__}: {error}", url)
+    if is_distributed():
+        _stop_if_any_rank_failed(trainer, failure)
+    return chunks
+
+
+def _stop_if_any_rank_failed(trainer: Any, failure: TeacherFetchFailure | None) -> None:
+    """All-gather each rank's fetch outcome; if any failed, every rank logs the same message,
+    waits for the others to have logged it, and raises it."""
+    import torch.distributed as dist
+    from accelerate.utils import gather_object
+
+    from kdcompose.teachers.server_client import TeacherServerError
+
+    outcomes = gather_object([failure])
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+    if not failed:
+        return
+    rank, first = failed[0]
+    detail = "; ".join(f"rank {r}: {f.message}" for r, f in failed)
+    message = stop_message(trainer, first.url, f"on rank {rank}: {detail}")
+    get_logger().error(f"kdcompose [rank {dist.get_rank()}/{dist.get_world_size()}]: {message}")
+    dist.barrier()  # every rank has said it before any exits (the launcher then kills the rest)
+    raise TeacherServerError(message, first.url)
+
+
+def infer_or_failure(trainer: Any, infer: Callable[[], Any]) -> Any:
+    """ms-swift's teacher-server call (main process only), with a failure returned instead of
+    raised: raised on the main process alone, the other ranks would wait in ms-swift's broadcast
+    until the process group times out; `scatter_or_stop` reports it on every rank."""
+    try:
+        return infer()
+    except Exception as error:
+        url = getattr(error, "url", None) or str(getattr(trainer, "teacher_model_server", ""))
+        return TeacherFetchFailure(f"{type(error).__name__}: {error}", url)
+
+
+def scatter_or_stop(trainer: Any, handle: dict[str, Any], parsed_global: Any) -> Any:
+    """ms-swift's broadcast of the teacher's answer and this rank's slice of it (as
+    `RolloutTrainerMixin._scatter_teacher_parsed`); when the main process failed, every rank stops
+    together with one message naming the URL and the checkpoint to resume from."""
+    from accelerate.utils import broadcast_object_list
+
+    from kdcompose.teachers.server_client import TeacherServerError
+
+    container = [parsed_global]
+    broadcast_object_list(container, from_process=0)
+    received = container[0]
+    if isinstance(received, TeacherFetchFailure):
+        message = stop_message(trainer, received.url, f"(main process): {received.message}")
+        raise TeacherServerError(message, received.url)
+    offset = sum(handle["all_counts"][: trainer.accelerator.process_index])
+    return received[offset : offset + handle["n_local"]]

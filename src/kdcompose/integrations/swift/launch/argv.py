@@ -27,15 +27,13 @@ runs the real `swift rlhf` command.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import yaml
 
-from kdcompose.composer import build_composer
+from kdcompose.compat.swift_argv import find_parse_in_progress
+from kdcompose.composer import LossComposer, build_composer
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.resolve import parse_gkd_knobs, resolve_composition
@@ -48,15 +46,6 @@ OWN_FLAGS: dict[str, str] = {
 """kdcompose's flags and the dotted config path the composition resolver reports them under."""
 KNOB_FLAGS: tuple[str, ...] = ("beta", "temperature", "sft_alpha", "gkd_logits_topk")
 SOURCE = "swift rlhf command line"
-
-
-@dataclass
-class ParseInProgress:
-    """The pieces of ms-swift's running argument parse the plugin works with."""
-
-    argv: list[str]
-    remaining: list[str]
-    arguments: Any
 
 
 def parse_flag_value(text: str) -> Any:
@@ -128,12 +117,12 @@ def resolve_from_flags(own: Mapping[str, Any], arguments: Any, given: set[str]) 
     return composition
 
 
-def check_arguments(composition: Composition, arguments: Any) -> None:
+def check_arguments(composer: LossComposer, arguments: Any) -> None:
     """rlhf_type, teacher and unsupported settings, on the half-built `RLHFArguments`."""
     from kdcompose.integrations.swift.launch.preflight import SETTINGS_READ, setting_issues
 
     values = {k: getattr(arguments, k, None) for k in SETTINGS_READ}
-    issues = setting_issues(values, build_composer(composition), {k: f"--{k}" for k in values})
+    issues = setting_issues(values, composer, {k: f"--{k}" for k in values})
     if issues:
         raise ConfigError(issues, source=SOURCE)
 
@@ -152,36 +141,17 @@ def unknown_flag_issues(remaining: Sequence[str]) -> list[ConfigIssue]:
     return issues
 
 
-def find_parse_in_progress(frame: FrameType | None = None) -> ParseInProgress | None:
-    """ms-swift's running argument parse on the call stack, or None (see module doc)."""
-    frame = frame if frame is not None else sys._getframe(1)
-    arguments = None
-    while frame is not None:
-        code = frame.f_code
-        if arguments is None and code.co_name == "__post_init__":
-            candidate = frame.f_locals.get("self")
-            if type(candidate).__module__.startswith("swift.") and hasattr(candidate, "external_plugins"):
-                arguments = candidate
-        elif code.co_name == "parse_args_into_dataclasses" and arguments is not None:
-            local = frame.f_locals
-            remaining, argv = local.get("remaining_args"), local.get("args")
-            if isinstance(remaining, list) and isinstance(argv, list):
-                return ParseInProgress(argv=argv, remaining=remaining, arguments=arguments)
-            return None
-        frame = frame.f_back
-    return None
-
-
 def activate_plugin() -> Composition | None:
-    """Everything the plugin file does; returns the composition it parked (None: none given)."""
+    """Everything the plugin file does; returns the composition it handed to the trainer (None:
+    none given)."""
     from kdcompose.integrations.swift.runtime import prepare_swift_import
 
     prepare_swift_import()
-    from kdcompose.integrations.swift.launch.command import select_trainer
-    from kdcompose.integrations.swift.launch.spec import attach, set_plugin_composition
+    from kdcompose.integrations.swift.launch.command import record_composition, select_trainer
+    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer, RunComposition
 
     select_trainer()
-    parse = find_parse_in_progress(sys._getframe(1))
+    parse = find_parse_in_progress()
     if parse is None:
         return None
     own, rest = take_own_flags(parse.remaining)
@@ -190,14 +160,15 @@ def activate_plugin() -> Composition | None:
         issues = unknown_flag_issues(rest)
         if issues:
             raise ConfigError(issues, source=SOURCE)
-    set_plugin_composition(None)
+    KDComposeGKDTrainer.expect(None)
     if not own and getattr(parse.arguments, "rlhf_type", None) != "gkd":
         return None  # not a GKD run: the plugin has nothing to do
     composition = resolve_from_flags(own, parse.arguments, explicit_flags(parse.argv))
-    check_arguments(composition, parse.arguments)  # before ms-swift loads any model
+    composer = build_composer(composition)
+    check_arguments(composer, parse.arguments)  # before ms-swift loads any model
     if not own:
         return None  # the trainer composes ms-swift's stock loss from its own arguments
-    set_plugin_composition(composition)
-    attach(parse.arguments, composition)
-    print(f"kdcompose: {build_composer(composition).formula()}", flush=True)
+    KDComposeGKDTrainer.expect(RunComposition(composer, {}, "the kdcompose ms-swift plugin"))
+    record_composition(parse.arguments, composer)
+    print(f"kdcompose: {composer.formula()}", flush=True)
     return composition

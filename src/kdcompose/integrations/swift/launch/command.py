@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from kdcompose.composer import build_composer
+from kdcompose.composer import LossComposer
 from kdcompose.config import KDConfig, load_config
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import TRAINER_PATH
@@ -30,7 +30,9 @@ from kdcompose.integrations.swift.launch.args import (
 )
 from kdcompose.integrations.swift.launch.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
+from kdcompose.resolve import legacy_llm_kd_weight
 from kdcompose.training.engines import prepare_engine
+from kdcompose.training.records import loss_terms_of
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -64,12 +66,7 @@ def teacher_kwargs(config: KDConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     if source.kind == "cache":
         return {k: v for k, v in kwargs.items() if k not in TEACHER_MODEL_ARGS}
-    ks = [
-        r.k
-        for t in build_composer(config.composition).active_terms
-        for r in t.needs.teacher_topk
-        if not r.teacher
-    ]
+    ks = [r.k for t in config.composer.active_terms for r in t.needs.teacher_topk if not r.teacher]
     if ks and kwargs.get("gkd_logits_topk") is None:
         kwargs = {**kwargs, "gkd_logits_topk": max(ks)}
     return kwargs
@@ -85,28 +82,50 @@ def select_trainer() -> str:
 
 
 @contextmanager
-def trainer_selected() -> Iterator[None]:
-    """`select_trainer` for the duration of a block (restores ms-swift's entry afterwards)."""
+def trainer_selected(run: Any = None) -> Iterator[None]:
+    """For the block: ms-swift's `gkd` entry points at kdcompose's trainer, and the trainer ms-swift
+    builds gets `run` (a `RunComposition`: the composer built once for the run, its teachers)."""
     from swift.trainers import TrainerFactory
 
+    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
+
     previous = select_trainer()
+    KDComposeGKDTrainer.expect(run)
     try:
         yield
     finally:
+        KDComposeGKDTrainer.expect(None)
         TrainerFactory.TRAINER_MAPPING["gkd"] = previous
 
 
-def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
-    """`RLHFArguments` with the composition and `llm_kd_weight` attached to it and to its
-    `training_args` (ms-swift builds those inside `RLHFArguments.__post_init__`)."""
-    from swift import RLHFArguments
+def run_composition(config: KDConfig) -> Any:
+    """What the trainer of a `kdcompose train` run of `config` gets: its composer and teachers."""
+    from kdcompose.integrations.swift.trainer import RunComposition
 
-    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR, attach
+    return RunComposition(config.composer, dict(config.teachers), "kdcompose train")
+
+
+LOSS_TERMS_ATTR = "kdcompose_loss_terms"
+"""The composition as an explicit `loss_terms` block on the arguments: ms-swift saves it in
+`args.json`, a record of the run (the trainer gets the composer itself, `trainer_selected`)."""
+
+
+def record_composition(target: Any, composer: LossComposer) -> None:
+    """Attach the composition and the runtime `llm_kd_weight` to an arguments object, as a record."""
+    from kdcompose.integrations.swift.trainer import LLM_KD_WEIGHT_ATTR
+
+    setattr(target, LOSS_TERMS_ATTR, loss_terms_of(composer))
+    setattr(target, LLM_KD_WEIGHT_ATTR, legacy_llm_kd_weight(composer.terms))
+
+
+def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
+    """`RLHFArguments` with the composition recorded on it and on its `training_args` (ms-swift
+    builds those inside `RLHFArguments.__post_init__`)."""
+    from swift import RLHFArguments
 
     args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
     for target in (args, args.training_args):
-        attach(target, config.composition)
-        setattr(target, TEACHERS_ATTR, {name: source.to_dict() for name, source in config.teachers.items()})
+        record_composition(target, config.composer)
     return args
 
 
@@ -114,16 +133,9 @@ def run(config: KDConfig) -> Any:
     """Train with an already validated config and `swift_kwargs(config)`; returns ms-swift's result."""
     from swift import rlhf_main
 
-    from kdcompose.integrations.swift.launch.spec import set_plugin_composition
-
-    kwargs = swift_kwargs(config)
-    arguments = build_arguments(config, kwargs)
-    set_plugin_composition(config.composition)  # resolved once; the trainer takes this very object
-    try:
-        with trainer_selected():
-            return rlhf_main(arguments)
-    finally:
-        set_plugin_composition(None)
+    arguments = build_arguments(config, swift_kwargs(config))
+    with trainer_selected(run_composition(config)):
+        return rlhf_main(arguments)
 
 
 def _torchrun_command(config_path: str) -> list[str] | None:
@@ -158,7 +170,7 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
         print(exc.render(), file=stderr)
         return EXIT_INVALID
 
-    composer = build_composer(config.composition)
+    composer = config.composer
     command = _torchrun_command(config_path)
     if command is not None:
         print(

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from kdcompose.config import KDConfig, load_config
-from kdcompose.integrations.swift.launch.command import build_arguments, swift_kwargs, trainer_selected
+from kdcompose.integrations.swift.launch.command import (
+    build_arguments,
+    run_composition,
+    swift_kwargs,
+    trainer_selected,
+)
 from kdcompose.integrations.swift.runtime import prepare_swift_import
 
 
@@ -31,13 +36,6 @@ def build_trainer(config: KDConfig | str | Path, **overrides: Any) -> Any:
 
     if not isinstance(config, KDConfig):
         config = load_config(config)
-    from kdcompose.integrations.swift.launch.spec import set_plugin_composition
-
-    kwargs = {**swift_kwargs(config), **overrides}
-    arguments = build_arguments(config, kwargs)
-    set_plugin_composition(config.composition)
-    try:
-        with trainer_selected():
-            return _PreparedOnly(arguments).main()
-    finally:
-        set_plugin_composition(None)
+    arguments = build_arguments(config, {**swift_kwargs(config), **overrides})
+    with trainer_selected(run_composition(config)):
+        return _PreparedOnly(arguments).main()

@@ -63,7 +63,6 @@ def setting_issues(
 def config_issues(config: Any) -> list[ConfigIssue]:
     """Everything the preflight finds in a loaded `KDConfig` (imports ms-swift's argument
     classes, loads no model): unknown argument names first, then the settings."""
-    from kdcompose.composer import build_composer
     from kdcompose.integrations.swift.launch.arg_names import swift_argument_names
     from kdcompose.integrations.swift.launch.args import unknown_argument_issues
     from kdcompose.teachers.sources import cache_issues
@@ -71,11 +70,9 @@ def config_issues(config: Any) -> list[ConfigIssue]:
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_names(), paths)
-    issues += setting_issues(
-        config.swift_args, build_composer(config.composition), paths, frozenset(config.teachers)
-    )
+    issues += setting_issues(config.swift_args, config.composer, paths, frozenset(config.teachers))
     issues += engine_issues(config.swift_args, paths)
-    issues += cache_issues(config.teachers, build_composer(config.composition))
+    issues += cache_issues(config.teachers, config.composer)
     return issues
 
 

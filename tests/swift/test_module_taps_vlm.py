@@ -1,16 +1,22 @@
-"""FeatureRecorder on real tiny Qwen-VL models (built locally, random weights)."""
+"""ModuleTaps on real tiny Qwen-VL models (built locally, random weights), tapping the modules
+`visual_kd` reads: what is recorded, when, and through PEFT / DDP wrappers and checkpointing."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from kdcompose.compat import ensure_torchvision_importable
-from kdcompose.features import FeatureModuleNotFound, FeatureRecorder
+from kdcompose.errors import ConfigError
+from kdcompose.terms.base import Tap
+from kdcompose.terms.visual_kd import DEFAULT_TARGET_PATHS, EXPAND_CHILDREN
 from kdcompose.testing.tiny_models import build_tiny_model
 from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID
+from kdcompose.training.taps import ModuleTaps
 
 pytestmark = pytest.mark.swift
 
@@ -30,6 +36,38 @@ def _load(family: str, role: str = "student"):
 @pytest.fixture(scope="module")
 def qwen2_vl():
     return _load("qwen2_vl")
+
+
+class Recorder:
+    """The visual_kd targets of one model as `ModuleTaps`, read back by target name."""
+
+    def __init__(self, model, targets: dict[str, str | None], *, detach: bool = False) -> None:
+        self.taps = {
+            name: Tap(
+                "student",
+                module or DEFAULT_TARGET_PATHS[name],
+                children=not module and name in EXPAND_CHILDREN,
+            )
+            for name, module in targets.items()
+        }
+        self.module_taps = ModuleTaps(model, self.taps.values(), detach=detach)
+        self.hooked = self.module_taps.hooked
+
+    def recording(self):
+        return self.module_taps.recording()
+
+    def features(self) -> dict[str, list[torch.Tensor]]:
+        recorded = self.module_taps.recorded()
+        return {name: recorded[tap] for name, tap in self.taps.items()}
+
+
+@contextmanager
+def FeatureRecorder(model, targets: dict[str, str | None], *, detach: bool = False) -> Iterator[Recorder]:
+    recorder = Recorder(model, targets, detach=detach)
+    try:
+        yield recorder
+    finally:
+        recorder.module_taps.close()
 
 
 def _inputs(model, grid=(1, 4, 4)):
@@ -89,23 +127,22 @@ def test_hooks_are_removed_on_close_and_on_exception(qwen2_vl):
         with recorder.recording():
             raise RuntimeError("boom")
     assert len(merger._forward_hooks) == before
-    assert recorder.features() == {"aligner": []}
+    assert recorder.features()["aligner"] == []
 
 
 def test_missing_module_lists_the_vision_modules_that_exist(qwen2_vl):
-    with pytest.raises(FeatureModuleNotFound) as info:
-        FeatureRecorder(qwen2_vl, {"aligner": "model.vision_tower.projector"})
+    with pytest.raises(ConfigError) as info:
+        Recorder(qwen2_vl, {"aligner": "model.visual.mergr"})
     message = str(info.value)
-    assert "model.vision_tower.projector" in message
-    assert "model.visual.merger" in message
-    assert "module:" in message
+    assert "model.visual.mergr" in message
+    assert "model.visual.merger" in message, "the closest module names are suggested"
     assert not qwen2_vl.model.visual.merger._forward_hooks, "a failed construction must leave no hook"
 
 
 def test_module_override_is_used(qwen2_vl):
     with FeatureRecorder(qwen2_vl, {"vit": "model.visual.blocks.0"}) as recorder, recorder.recording():
         qwen2_vl(**_inputs(qwen2_vl))
-        assert [h.path for h in recorder.hooked] == ["model.visual.blocks.0"]
+        assert [h.name for h in recorder.hooked] == ["model.visual.blocks.0"]
         assert len(recorder.features()["vit"]) == 1
 
 
@@ -144,7 +181,7 @@ def test_peft_lora_student_resolves_its_paths(qwen2_vl):
         # `base_model.model.model.visual.merger`; once ms-swift has loaded a Qwen-VL model in this
         # process it adds a `visual` property to the class (its transformers-5 compat), and PEFT's
         # attribute forwarding then resolves `model.visual.merger` first: the same module.
-        assert lora.get_submodule(recorder.hooked[0].path) is lora.base_model.model.model.visual.merger
+        assert lora.get_submodule(recorder.hooked[0].name) is lora.base_model.model.model.visual.merger
         assert len(recorder.features()["aligner"]) == 1
 
 
@@ -160,7 +197,7 @@ def test_ddp_wrapped_model_resolves_its_paths(qwen2_vl):
         ddp = DistributedDataParallel(_load("qwen2_vl"), find_unused_parameters=True)
         with FeatureRecorder(ddp, {"aligner": None}) as recorder, recorder.recording():
             ddp(**_inputs(qwen2_vl))
-            assert recorder.hooked[0].path == "module.model.visual.merger"
+            assert recorder.hooked[0].name == "module.model.visual.merger"
             assert len(recorder.features()["aligner"]) == 1
     finally:
         dist.destroy_process_group()
