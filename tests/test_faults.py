@@ -57,7 +57,7 @@ def _feature_hooks(trainer) -> int:
     """Hooks on the modules kdcompose's feature recorders hook."""
     modules = [
         model.get_submodule(hooked.name)
-        for recorder in trainer._recorders()
+        for recorder in trainer.kd_attachments.module_taps()
         for hooked in recorder.hooked
         for model in (trainer.model, trainer.teacher_model)
         if _has(model, hooked.name)
@@ -129,7 +129,7 @@ def test_ctrl_c_mid_loss_leaves_no_hooks_records_or_threads(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 2
     assert _hooks(trainer.model, trainer.teacher_model) <= hooks and _feature_hooks(trainer) == 0
-    assert all(not any(r.recorded().values()) for r in trainer._recorders())
+    assert all(not any(r.recorded().values()) for r in trainer.kd_attachments.module_taps())
     assert {t.ident for t in threading.enumerate() if not t.daemon} <= threads
 
 

@@ -79,7 +79,7 @@ class _Watch(TrainerCallback):
         self.leftover_records = 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        for recorder in self.trainer._recorders():
+        for recorder in self.trainer.kd_attachments.module_taps():
             self.leftover_records += sum(len(v) for v in recorder.recorded().values())
         if state.global_step % 25 == 0:
             gc.collect()
@@ -93,7 +93,7 @@ def _hook_count(*models) -> int:
 def _recorder_hooks(trainer) -> int:
     """Hooks on the modules kdcompose's feature recorders hook (0 when none is installed)."""
     count = 0
-    for recorder in trainer._recorders():
+    for recorder in trainer.kd_attachments.module_taps():
         for hooked in recorder.hooked:
             for model in (trainer.model, trainer.teacher_model):
                 try:

@@ -126,7 +126,7 @@ def test_width_mismatch_without_projector_names_the_module_both_widths_and_the_o
 def test_a_configured_projector_missing_from_the_context_is_an_error():
     _, term = _visual_term(ALIGNER_PROJECTED)
     ctx = LossContext(taps=_recorded(term, aligner=(torch.zeros(5, 4), torch.zeros(5, 6))), has_images=True)
-    with pytest.raises(ValueError, match=r"projector: linear.*LossContext\.projectors"):
+    with pytest.raises(ValueError, match=r"projector: linear.*kdcompose\.Distiller"):
         term.compute(ctx)
 
 

@@ -22,11 +22,11 @@ from transformers import TrainerCallback
 
 from kdcompose import LossContext, Tap, TermNeeds, TermSpec, build_composer, parse_config, register_term
 from kdcompose.errors import ConfigError
-from kdcompose.integrations.swift.resume import ALLOW_CHANGES_ENV
 from kdcompose.registry import unregister_term
 from kdcompose.terms import LossTerm
 from kdcompose.testing import build_caption_dataset, load_rows, tiny_gkd_args
 from kdcompose.training.projectors import PROJECTOR_ATTR, PROJECTOR_FILE
+from kdcompose.training.records import ALLOW_CHANGES_ENV
 from swift_support import SECTION_OF, SESSION_DIR, ForwardCounter
 
 pytestmark = [

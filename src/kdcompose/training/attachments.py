@@ -70,15 +70,16 @@ class ModelAttachments:
 
     def open(self) -> None:
         """Hook the declared modules for a run (recording happens only inside `capturing`)."""
-        for recorder in self._distinct_recorders():
+        for recorder in self.module_taps():
             recorder.open()
 
     def close(self) -> None:
         """Remove every hook (idempotent); a later `capturing` block hooks just for itself."""
-        for recorder in self._distinct_recorders():
+        for recorder in self.module_taps():
             recorder.close()
 
-    def _distinct_recorders(self) -> list[ModuleTaps]:
+    def module_taps(self) -> list[ModuleTaps]:
+        """The recorders in use (one object when the student is its own teacher)."""
         return list({id(r): r for r in self.recorders.values() if r is not None}.values())
 
     def projector(self, key: str) -> nn.Module | None:
