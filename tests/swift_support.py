@@ -139,7 +139,7 @@ def composed(
 ) -> Iterator[Any]:
     """Train `trainer` with the composition of a config's `rlhf`/`custom` sections (and
     ms-swift's `sft_alpha`/`beta`/... on its args) inside the block; restores both after."""
-    data = {k: dict(v) for k, v in (composition_sections or {}).items()}
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (composition_sections or {}).items()}
     data.setdefault("rlhf", {}).update(gkd)
     composer = build_composer(parse_config(data).composition)
     saved_args = {k: getattr(trainer.args, k) for k in gkd}

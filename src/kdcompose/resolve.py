@@ -35,6 +35,8 @@ from kdcompose.schema.validation import join_path, validate_model, validate_valu
 from kdcompose.terms.base import TermSpec
 
 LLM_KD_WEIGHT_PATH = "rlhf.llm_kd_weight"
+GKD_KNOB_NAMES: tuple[str, ...] = ("beta", "temperature", "sft_alpha", "gkd_logits_topk")
+"""ms-swift's GKD arguments that the composition reads (translated into `lm_jsd` / `ce`)."""
 LEGACY_VISUAL_PATH = "custom.visual_kd"
 
 _WEIGHT = TypeAdapter(Weight)

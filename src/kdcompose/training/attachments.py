@@ -5,7 +5,7 @@ that into exactly this on the two models, and nothing else:
 
 * module taps (`ModuleTaps`), one recorder per side, hooking only the declared modules;
 * trainable projectors for feature pairs that ask for one, planned from the models' widths
-  and registered on the student (so every optimizer, DDP and DeepSpeed include them);
+  (registered on the student by default, so every optimizer, DDP and DeepSpeed include them);
 * LM-head taps for terms that read final hidden states (fused terms), which also keep the head
   from computing logits no term reads.
 
@@ -42,7 +42,8 @@ class ModelAttachments:
     `student` / `teacher` are the models as the training loop calls them (possibly wrapped by
     DDP or DeepSpeed); `teacher=None` means the student is its own teacher (a LoRA student
     whose base model teaches, with adapters disabled). `unwrap` returns the bare model of a
-    wrapped one. Raises `ConfigError` for anything the models' structure already rules out.
+    wrapped one. `attach` builds the planned projectors (default: registered on the student as
+    `kdcompose_projectors`). Raises `ConfigError` for anything the models' structure rules out.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class ModelAttachments:
         unwrap: Callable[[nn.Module], nn.Module] = lambda model: model,
         vocab_size: int | None = None,
         log: Callable[[str], None] | None = None,
+        attach: Callable[[list[_projectors.ProjectorPlan]], dict[str, nn.Module]] | None = None,
     ) -> None:
         self.composer = composer
         self.needs: TermNeeds = composer.needs
@@ -64,7 +66,10 @@ class ModelAttachments:
         self._check_vocab()
         plans = self._plan_projectors(log)
         self.recorders: dict[Side, ModuleTaps | None] = self._build_recorders()
-        self.projectors: dict[str, nn.Module] = _projectors.attach_projectors(unwrap(student), plans)
+        if attach is None:  # registered on the student: every optimizer, DDP and DeepSpeed include them
+            self.projectors: dict[str, nn.Module] = _projectors.attach_projectors(unwrap(student), plans)
+        else:
+            self.projectors = attach(plans)
 
     # ------------------------------------------------------------------ lifecycle
 
