@@ -225,6 +225,52 @@ def test_special_tokens_pair_by_order(pair) -> None:
         align_token_ids(student, s_ids, teacher, t_ids[:-1])
 
 
+def test_template_whitespace_next_to_special_tokens_joins_their_group(pair) -> None:
+    """ms-swift's ChatML labels end with '<|im_end|>\\n', Llama 3's with '<|eot_id|>' (measured with
+    ms-swift 4.6's qwen2_5 and llama3 templates): the student's trailing newline joins the pair."""
+    student, teacher = pair
+    s_ids = student("12 + 345 = 357.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    t_ids = teacher("12 + 345 = 357.<|eot_id|>", add_special_tokens=False)["input_ids"]
+    last = align_token_ids(student, s_ids, teacher, t_ids).groups[-1]
+    assert last.special and last.text == b"<|im_end|>\n" and (len(last.student), len(last.teacher)) == (2, 1)
+    s_ids = student("Hi\n<|im_end|>", add_special_tokens=False)["input_ids"]
+    t_ids = teacher("Hi<|eot_id|>", add_special_tokens=False)["input_ids"]
+    a = align_token_ids(student, s_ids, teacher, t_ids)
+    assert [g.text for g in a.groups] == [b"H", b"i", b"\n<|im_end|>"]
+    with pytest.raises(AlignmentError, match="before the first special token"):
+        align_token_ids(student, student("Hi!<|im_end|>")["input_ids"], teacher, t_ids)
+
+
+SEPARATORS = st.sampled_from(["", "\n", " ", "\n\n"])
+
+
+@settings(max_examples=40)
+@given(
+    segments=st.lists(st.tuples(MIXED, SEPARATORS, SEPARATORS), min_size=1, max_size=3),
+    tail=MIXED,
+)
+def test_groups_partition_completions_with_special_tokens_and_template_whitespace(
+    pair, segments, tail
+) -> None:
+    student, teacher = pair
+    s_text = "".join(f"{text}{s_sep}<|im_end|>{t_sep}" for text, s_sep, t_sep in segments) + tail
+    t_text = "".join(f"{text}<|eot_id|>" for text, _, _ in segments) + tail
+    s_ids = student(s_text, add_special_tokens=False)["input_ids"]
+    t_ids = teacher(t_text, add_special_tokens=False)["input_ids"]
+    a = align_token_ids(student, s_ids, teacher, t_ids)
+    _check_partition(a, s_text)
+    s_table, t_table = token_table(student), token_table(teacher)
+    assert sum(g.special for g in a.groups) == len(segments)
+    for g in a.groups:
+        s_bytes = b"".join(s_table.pieces[a.student_ids[p]] for p in g.student)
+        t_bytes = b"".join(t_table.pieces[a.teacher_ids[p]] for p in g.teacher)
+        if g.special:  # the special token plus whitespace next to it
+            assert not s_bytes.replace(b"<|im_end|>", b"", 1).strip()
+            assert not t_bytes.replace(b"<|eot_id|>", b"", 1).strip()
+        else:  # identical, up to the extra whitespace of a token that also spells core text (" a")
+            assert s_bytes.strip() == t_bytes.strip()
+
+
 def test_different_text_names_the_first_differing_byte(pair) -> None:
     student, teacher = pair
     s_ids = student("the red square", add_special_tokens=False)["input_ids"]

@@ -24,10 +24,13 @@ Added tokens (special or not) spell their content. Special tokens (``<|im_end|>`
 special token of the student's completion pairs with the k-th of the teacher's, as a group of its
 own, and the text runs between them must spell the same bytes.
 
-One tolerance, for SentencePiece tokenizers that prepend a space to every encoded chunk: at the
-start of a text run, spaces present on one side only (``"▁Sure"`` vs ``"Sure"``) are absorbed into
-the first group instead of being an error. Any other difference raises :class:`AlignmentError`
-naming the first differing byte, both texts around it and the fix.
+One tolerance: whitespace that only one side has *next to a special token or at the start of the
+completion*. Chat templates put their own separators around special tokens (ms-swift's ChatML
+labels end with ``<|im_end|>\n``, Llama 3's with ``<|eot_id|>``), and SentencePiece tokenizers
+prepend a space to each encoded chunk (``"▁Sure"`` vs ``"Sure"``). Such whitespace joins the
+neighbouring special token's group (at the completion's start: the first group). Any other
+difference raises :class:`AlignmentError` naming the first differing byte, both texts around it
+and the fix.
 
 Also here: :func:`tokenizer_difference` / :func:`same_tokenizer` (is the teacher's tokenizer the
 student's? decided from the tokenizers' vocabulary, merges, added tokens and pre/post text rules,
@@ -499,15 +502,40 @@ def _show(text: bytes, at: int) -> str:
     return repr(text[lo : at + 20].decode("utf-8", errors="backslashreplace"))
 
 
-def _leading_extra(a: bytes, b: bytes) -> tuple[int, int]:
-    """``(extra_a, extra_b)``: spaces at the start of one side only (SentencePiece's prefix space)."""
-    if a == b:
-        return 0, 0
-    if len(a) > len(b) and a.endswith(b) and b and not a[: len(a) - len(b)].strip(b" "):
-        return len(a) - len(b), 0
-    if len(b) > len(a) and b.endswith(a) and a and not b[: len(b) - len(a)].strip(b" "):
-        return 0, len(b) - len(a)
-    return -1, -1
+_WHITESPACE = b" \t\r\n"
+
+
+def _common_suffix(a: bytes, b: bytes) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _extras(s: bytes, t: bytes, trailing: bool) -> tuple[int, int, int, int] | None:
+    """``(lead_s, lead_t, trail_s, trail_t)``: whitespace bytes at the start (and, when ``trailing``,
+    at the end) that one side has and the other not, around a core both spell identically; ``None``
+    when the cores differ. Whitespace both sides share next to the core stays in the core."""
+    s_ws, t_ws = len(s) - len(s.lstrip(_WHITESPACE)), len(t) - len(t.lstrip(_WHITESPACE))
+    keep = _common_suffix(s[:s_ws], t[:t_ws])
+    lead_s, lead_t = s_ws - keep, t_ws - keep
+    s_rest, t_rest = s[lead_s:], t[lead_t:]
+    trail_s = trail_t = 0
+    if trailing:
+        s_tw = len(s_rest) - len(s_rest.rstrip(_WHITESPACE))
+        t_tw = len(t_rest) - len(t_rest.rstrip(_WHITESPACE))
+        keep = _common_prefix(s_rest[len(s_rest) - s_tw :], t_rest[len(t_rest) - t_tw :])
+        trail_s, trail_t = s_tw - keep, t_tw - keep
+    if s_rest[: len(s_rest) - trail_s] != t_rest[: len(t_rest) - trail_t]:
+        return None
+    return lead_s, lead_t, trail_s, trail_t
 
 
 def _mismatch(s_text: bytes, t_text: bytes, run: int) -> AlignmentError:
@@ -524,6 +552,41 @@ def _mismatch(s_text: bytes, t_text: bytes, run: int) -> AlignmentError:
     )
 
 
+@dataclass
+class _Split:
+    """One side of a text run: tokens in the leading extra, the core (with their core end offsets),
+    and the trailing extra."""
+
+    lead: list[int]
+    core: list[tuple[int, int]]  # (position, end offset in the core text)
+    trail: list[int]
+
+
+def _split(pieces: list[bytes], positions: list[int], lead: int, trail: int) -> _Split:
+    total = sum(map(len, pieces))
+    core_end = total - trail
+    out = _Split([], [], [])
+    acc = 0
+    for p, piece in zip(positions, pieces, strict=True):
+        start, acc = acc, acc + len(piece)
+        if acc <= lead:
+            out.lead.append(p)
+        elif start >= core_end and acc > core_end:
+            out.trail.append(p)
+        else:
+            out.core.append((p, min(acc, core_end) - lead))
+    return out
+
+
+@dataclass
+class _Slot:
+    """Token positions of one group under construction."""
+
+    student: list[int]
+    teacher: list[int]
+    special: bool
+
+
 def _align_run(
     st: TokenTable,
     s_ids: Sequence[int],
@@ -532,37 +595,38 @@ def _align_run(
     t_ids: Sequence[int],
     t_pos: list[int],
     run: int,
-) -> list[AlignedGroup]:
+    before: _Slot | None,
+    after: _Slot | None,
+) -> list[_Slot]:
+    """Groups of one text run; whitespace one side has next to a special token joins that token's
+    group (``before``/``after``); at the completion's start it joins the first group."""
     s_pieces = [st.pieces[s_ids[p]] for p in s_pos]
     t_pieces = [tt.pieces[t_ids[p]] for p in t_pos]
     s_text, t_text = b"".join(s_pieces), b"".join(t_pieces)
-    if not s_pos and not t_pos:
-        return []
-    s_extra, t_extra = _leading_extra(s_text, t_text)
-    if s_extra < 0:
+    extras = _extras(s_text, t_text, trailing=after is not None)
+    if extras is None:
         raise _mismatch(s_text, t_text, run)
-    # Token end offsets in the common text (the side with leading spaces is shifted left).
-    s_ends, t_ends = [], []
-    acc = -s_extra
-    for piece in s_pieces:
-        acc += len(piece)
-        s_ends.append(max(acc, 0))
-    acc = -t_extra
-    for piece in t_pieces:
-        acc += len(piece)
-        t_ends.append(max(acc, 0))
-    boundaries = sorted((set(s_ends) & set(t_ends)) - {0})
-    n = len(boundaries)
-    s_members: list[list[int]] = [[] for _ in range(n)]
-    t_members: list[list[int]] = [[] for _ in range(n)]
-    for p, end in zip(s_pos, s_ends, strict=True):
-        s_members[bisect.bisect_left(boundaries, end)].append(p)
-    for p, end in zip(t_pos, t_ends, strict=True):
-        t_members[bisect.bisect_left(boundaries, end)].append(p)
-    groups = []
-    for sm, tm in zip(s_members, t_members, strict=True):
-        groups.append(AlignedGroup(tuple(sm), tuple(tm), b"".join(st.pieces[s_ids[p]] for p in sm)))
-    return groups
+    lead_s, lead_t, trail_s, trail_t = extras
+    core_len = len(s_text) - lead_s - trail_s
+    if core_len == 0 and before is None and after is None and (s_pos or t_pos):
+        raise _mismatch(s_text, t_text, run)
+    s_split = _split(s_pieces, s_pos, lead_s, trail_s)
+    t_split = _split(t_pieces, t_pos, lead_t, trail_t)
+    boundaries = sorted({e for _, e in s_split.core} & {e for _, e in t_split.core} - {0})
+    slots = [_Slot([], [], False) for _ in boundaries]
+    for split, side in ((s_split, "student"), (t_split, "teacher")):
+        if not slots:  # an empty core: only zero-length tokens can be left in it
+            split.lead.extend(p for p, _ in split.core)
+            split.core.clear()
+        for p, end in split.core:
+            getattr(slots[bisect.bisect_left(boundaries, end)], side).append(p)
+        lead_to = before if before is not None else (slots[0] if slots else after)
+        trail_to = after if after is not None else (slots[-1] if slots else before)
+        for extra, to in ((split.lead, lead_to), (split.trail, trail_to)):
+            if extra:
+                assert to is not None  # an empty core with neither neighbour was refused above
+                getattr(to, side).extend(extra)
+    return slots
 
 
 def align_token_ids(
@@ -574,7 +638,8 @@ def align_token_ids(
     """Group the two tokenizations of one completion where they reach the same byte boundary.
 
     Args:
-        student_tokenizer / teacher_tokenizer: fast tokenizers (or processors holding one).
+        student_tokenizer / teacher_tokenizer: fast tokenizers (or processors holding one), or
+            their :class:`TokenTable` (build it once per run: about a second for 150k tokens).
         student_ids / teacher_ids: each side's token ids of the *completion only* (the tokens the
             loss is computed on, in order), each from its own tokenizer and template.
 
@@ -600,12 +665,18 @@ def align_token_ids(
             f"{len(t_specials)} {names_t}; special tokens are aligned by order, so both completions need the "
             "same number (e.g. both end with their own end-of-turn token, or neither does)"
         )
-    groups: list[AlignedGroup] = []
+    specials = [_Slot([sp], [tp], True) for sp, tp in zip(s_specials, t_specials, strict=True)]
+    slots: list[_Slot] = []
     for k, (s_run, t_run) in enumerate(zip(s_runs, t_runs, strict=True)):
-        if k > 0:
-            sp, tp = s_specials[k - 1], t_specials[k - 1]
-            groups.append(AlignedGroup((sp,), (tp,), st.pieces[s_ids[sp]], special=True))
-        groups.extend(_align_run(st, s_ids, s_run.positions, tt, t_ids, t_run.positions, k))
+        before = specials[k - 1] if k > 0 else None
+        after = specials[k] if k < len(specials) else None
+        if before is not None:
+            slots.append(before)
+        slots.extend(_align_run(st, s_ids, s_run.positions, tt, t_ids, t_run.positions, k, before, after))
+    groups = []
+    for slot in slots:
+        sp, tp = tuple(sorted(slot.student)), tuple(sorted(slot.teacher))
+        groups.append(AlignedGroup(sp, tp, b"".join(st.pieces[s_ids[p]] for p in sp), slot.special))
     return TokenAlignment(s_ids, t_ids, tuple(groups))
 
 
