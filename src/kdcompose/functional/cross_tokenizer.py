@@ -49,6 +49,7 @@ chunked: it keeps one ``[groups, V]`` row per group on each side (a later engine
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -370,7 +371,8 @@ def _matched_topk(
     already = ((ids == actual_ids.unsqueeze(-1)) & torch.isfinite(lps)).any(-1, keepdim=True)
     all_ids = torch.cat([ids, actual_ids.unsqueeze(-1)], dim=-1)
     all_lps = torch.cat([lps, actual_lps.unsqueeze(-1).masked_fill(already, -math.inf)], dim=-1)
-    cols = lookup[all_ids]
+    valid = (all_ids >= 0) & (all_ids < width)
+    cols = torch.where(valid, lookup[all_ids.clamp(0, width - 1)], -1)
     present = (cols >= 0) & torch.isfinite(all_lps)
     s_vals = s_first.gather(-1, cols.clamp_min(0))
     return divergence(_renormalized(s_vals, present), _renormalized(all_lps, present))
@@ -408,6 +410,14 @@ def cross_tokenizer_loss(
     _check_rows("student_logits", student_logits, n_s, 2)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     device = student_logits.device
+    batch = dataclasses.replace(
+        batch,
+        student_ids=batch.student_ids.to(device),
+        teacher_ids=batch.teacher_ids.to(device),
+        student_group=batch.student_group.to(device),
+        teacher_group=batch.teacher_group.to(device),
+        matched=batch.matched.to(device),
+    )
 
     z = student_logits.to(dtype) / temperature
     s_lse = torch.logsumexp(z, dim=-1)
@@ -420,7 +430,7 @@ def cross_tokenizer_loss(
     with torch.no_grad():
         if isinstance(teacher, TeacherLogits):
             _check_rows("teacher.logits", teacher.logits, n_t, 2)
-            zt = teacher.logits.detach().to(dtype) / temperature
+            zt = teacher.logits.detach().to(device=device, dtype=dtype) / temperature
             t_lse = torch.logsumexp(zt, dim=-1)
             t_tok = zt.gather(-1, batch.teacher_ids.unsqueeze(-1)).squeeze(-1) - t_lse
             t_first = zt[t_first_pos] - t_lse[t_first_pos].unsqueeze(-1)
@@ -439,13 +449,19 @@ def cross_tokenizer_loss(
                     "group needs the teacher's "
                     "normalized probabilities at the loss temperature (cache the teacher at that temperature)"
                 )
-            t_tok = teacher.token_logprobs.detach().to(dtype)
+            teacher = TeacherTopK(
+                teacher.topk_ids.to(device),
+                teacher.topk_logprobs.detach().to(device=device, dtype=dtype),
+                teacher.token_logprobs.detach().to(device=device, dtype=dtype),
+                teacher.temperature,
+            )
+            t_tok = teacher.token_logprobs
             t_first = None
         else:
             raise TypeError(f"teacher must be TeacherLogits or TeacherTopK, got {type(teacher).__name__}")
         t_tail = _tail_logprob(t_tok, batch.teacher_group, t_first_pos, n_groups)
 
-    matched = batch.matched.to(device)
+    matched = batch.matched
     if batch.vocab is None and bool(matched.any()):
         raise ValueError("batch.matched flags one-to-one groups but the batch has no vocabulary map")
     zero = student_logits.sum() * 0.0

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -358,23 +359,32 @@ class VocabMapping:
     def __len__(self) -> int:
         return len(self.student_ids)
 
-    def teacher_to_student(self) -> dict[int, int]:
+    @functools.cached_property
+    def _t2s(self) -> dict[int, int]:
         return dict(zip(self.teacher_ids, self.student_ids, strict=True))
+
+    def teacher_to_student(self) -> dict[int, int]:
+        """``teacher id -> student id`` (cached; do not modify it)."""
+        return self._t2s
 
     def pairs(self, student_width: int, teacher_width: int) -> tuple[list[int], list[int]]:
         """The pairs as columns of logits ``[*, student_width]`` / ``[*, teacher_width]``: ids
         beyond a width are dropped; with ``identical``, padding rows ``size .. min(widths)`` pair
-        with themselves."""
-        s, t = [], []
-        for si, ti in zip(self.student_ids, self.teacher_ids, strict=True):
-            if si < student_width and ti < teacher_width:
-                s.append(si)
-                t.append(ti)
-        if self.identical:
-            extra = range(self.student_size, min(student_width, teacher_width))
-            s.extend(extra)
-            t.extend(extra)
-        return s, t
+        with themselves. Cached per widths (the loss asks every step); do not modify the lists."""
+        cache = self.__dict__.setdefault("_pairs_cache", {})
+        key = (student_width, teacher_width)
+        if key not in cache:
+            s, t = [], []
+            for si, ti in zip(self.student_ids, self.teacher_ids, strict=True):
+                if si < student_width and ti < teacher_width:
+                    s.append(si)
+                    t.append(ti)
+            if self.identical:
+                extra = range(self.student_size, min(student_width, teacher_width))
+                s.extend(extra)
+                t.extend(extra)
+            cache[key] = (s, t)
+        return cache[key]
 
 
 def _one_to_one_keys(table: TokenTable) -> tuple[dict[tuple[bool, bytes], int], int]:
