@@ -298,8 +298,8 @@ def _uld_topk(student_probs: Tensor, teacher_topk_probs: Tensor, teacher_total: 
     t = teacher_topk_probs.sort(dim=-1, descending=True).values
     known = teacher_topk_probs.gt(0).sum(-1, keepdim=True)  # absent entries sort last
     k = t.shape[-1]
-    s_sorted = student_probs.sort(dim=-1, descending=True).values
-    s = F.pad(s_sorted, (0, max(0, k - s_sorted.shape[-1])))[..., :k]
+    s_top = student_probs.topk(min(k, student_probs.shape[-1]), dim=-1).values  # sorted, descending
+    s = F.pad(s_top, (0, k - s_top.shape[-1]))
     valid = torch.arange(k, device=t.device).unsqueeze(0) < known
     head = ((s - t).abs() * valid).sum(-1)
     s_rest = student_probs.sum(-1) - (s * valid).sum(-1)
@@ -346,8 +346,9 @@ def _matched_full(s_first: Tensor, t_first: Tensor, vocab: _VocabPairs, divergen
     whole = len(s_cols) == vs == vt and bool((s_idx == torch.arange(vs, device=s_idx.device)).all())
     s_sup = s_first if whole else s_first.index_select(-1, s_idx)
     t_sup = t_first if whole and bool((t_idx == s_idx).all()) else t_first.index_select(-1, t_idx)
-    s_sup = s_sup - torch.logsumexp(s_sup, dim=-1, keepdim=True)
-    t_sup = t_sup - torch.logsumexp(t_sup, dim=-1, keepdim=True)
+    if not whole:  # whole: every column of both sides kept, the rows are normalized already
+        s_sup = s_sup - torch.logsumexp(s_sup, dim=-1, keepdim=True)
+        t_sup = t_sup - torch.logsumexp(t_sup, dim=-1, keepdim=True)
     return divergence(s_sup, t_sup)
 
 
