@@ -105,7 +105,7 @@ def _logits(rows: int, width: int, seed: int, scale: float = 2.0) -> torch.Tenso
 # ------------------------------------------------------------------------------------ the numbers
 
 
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(
     texts=st.lists(st.sampled_from(TEXTS), min_size=1, max_size=2),
     beta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
@@ -151,7 +151,7 @@ def test_matches_textbook_reference_values_and_gradients(
     assert zt_in.grad is None  # the teacher gets no gradient
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(
     ids=st.lists(st.lists(st.integers(0, 555), min_size=0, max_size=10), min_size=1, max_size=3),
     beta=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),

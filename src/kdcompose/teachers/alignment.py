@@ -33,9 +33,9 @@ difference raises :class:`AlignmentError` naming the first differing byte, both 
 and the fix.
 
 Also here: :func:`tokenizer_difference` / :func:`same_tokenizer` (is the teacher's tokenizer the
-student's? decided from the tokenizers' vocabulary, merges, added tokens and pre/post text rules,
-never assumed) and :func:`vocab_mapping` (token ids of the two vocabularies that spell identical
-bytes, one-to-one, as GOLD's exact-match mapping, which compares token *strings*).
+student's? decided from the tokenizers' vocabulary, merges, added tokens, normalizer, pre-tokenizer
+and decoder, never assumed) and :func:`vocab_mapping` (token ids of the two vocabularies that spell
+identical bytes, one-to-one; GOLD's exact-match mapping compares token *strings* instead).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class TokenTable:
 
     ``pieces[i]`` is the bytes of token ``i``; ``special`` the ids of special (control) tokens;
     ``fallback`` the ids of SentencePiece byte-fallback tokens (``<0xNN>``); ``scheme`` is
-    ``"byte_level"`` or ``"metaspace"``; ``fingerprint`` identifies the tokenizer's content.
+    ``"byte_level"`` or ``"metaspace"``; ``fingerprint`` hashes what decides the meaning of ids
+    (model, added tokens, normalizer, pre-tokenizer, decoder): equal fingerprints, same tokenizer.
     """
 
     pieces: tuple[bytes, ...]
