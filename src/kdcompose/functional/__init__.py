@@ -4,6 +4,13 @@
 """
 
 from kdcompose.functional.ce import masked_cross_entropy
+from kdcompose.functional.cross_tokenizer import (
+    AlignedBatch,
+    CrossTokenizerLoss,
+    TeacherLogits,
+    TeacherTopK,
+    cross_tokenizer_loss,
+)
 from kdcompose.functional.features import DISTANCES, feature_distance
 from kdcompose.functional.fused_jsd import fused_linear_generalized_jsd
 from kdcompose.functional.jsd import generalized_jsd, generalized_jsd_reference, generalized_jsd_sum
@@ -20,6 +27,11 @@ from kdcompose.functional.topk_jsd import (
 __all__ = [
     "DISTANCES",
     "MISSING_MASS_MODES",
+    "AlignedBatch",
+    "CrossTokenizerLoss",
+    "TeacherLogits",
+    "TeacherTopK",
+    "cross_tokenizer_loss",
     "feature_distance",
     "fused_linear_generalized_jsd",
     "fused_linear_topk_generalized_jsd",
