@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,15 @@ def parse_config_text(text: str, source: str | None = None) -> KDConfig:
     return parse_config(parse_yaml(text, source=source), source=source)
 
 
-def load_config(path: str | Path) -> KDConfig:
-    """Read, parse and validate a YAML config file (never loads a model)."""
-    return parse_config(load_yaml_file(path), source=str(path))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> KDConfig:
+    """Read, parse and validate a YAML config file (never loads a model). `overrides` are
+    `DOTTED.KEY=VALUE` strings (`kdcompose train/validate --set`), applied to the parsed YAML
+    before validation, so they are checked exactly like the file (kdcompose.overrides)."""
+    from kdcompose.overrides import apply_overrides, note_overrides, parse_overrides
+
+    parsed = parse_overrides(overrides)
+    data = apply_overrides(load_yaml_file(path), parsed, source=str(path))
+    try:
+        return parse_config(data, source=str(path))
+    except ConfigError as exc:
+        raise note_overrides(exc, parsed) from None
