@@ -80,11 +80,11 @@ def test_malformed_overrides_are_all_reported_at_once():
 def test_an_override_is_validated_like_the_file_and_says_where_it_came_from(tmp_path):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError) as caught:
-        load_config(path, ["rlhf.loss_terms.ce.on_student_generated=yes"])
+        load_config(path, ['rlhf.loss_terms.ce.on_student_generated="yes"'])
     (issue,) = caught.value.issues
     assert issue.path == "rlhf.loss_terms.ce.on_student_generated"
     assert "true or false" in issue.message
-    assert issue.message.endswith("(from --set rlhf.loss_terms.ce.on_student_generated=yes)")
+    assert issue.message.endswith('(from --set rlhf.loss_terms.ce.on_student_generated="yes")')
     with pytest.raises(ConfigError) as caught:
         load_config(path, ["trainin.max_steps=2"])
     (issue,) = caught.value.issues
