@@ -74,9 +74,10 @@ class KDConfig:
 
 def _import_plugin(entry: str, base_dir: Path | None) -> None:
     if entry.endswith(".py"):
-        path = Path(entry)
+        path = Path(entry).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
+        path = path.resolve()
         if not path.is_file():
             raise FileNotFoundError(f"plugin file not found: {path}")
         name = f"kdcompose_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
@@ -189,7 +190,9 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     composition = resolve_composition(
         own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
     )
-    teachers = parse_sources(own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues)
+    teachers = parse_sources(
+        own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues, base_dir
+    )
     if composition is not None and not issues:
         from kdcompose.composer import build_composer
 
