@@ -62,11 +62,13 @@ def setting_issues(
 
 def config_issues(config: Any) -> list[ConfigIssue]:
     """Everything the preflight finds in a loaded `KDConfig` (imports ms-swift's argument
-    classes, loads no model): unknown argument names first, then the settings."""
+    classes, loads no model): unknown argument names first, then the settings, then what the
+    models' own files show (model_preflight)."""
     from kdcompose.composer import build_composer
     from kdcompose.integrations.swift.arg_names import swift_argument_names
     from kdcompose.integrations.swift.args import unknown_argument_issues
     from kdcompose.integrations.swift.engines import engine_issues
+    from kdcompose.integrations.swift.model_preflight import model_issues
     from kdcompose.teachers.sources import cache_issues
 
     paths = dict(config.arg_paths)
@@ -76,6 +78,7 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     )
     issues += engine_issues(config.swift_args, paths)
     issues += cache_issues(config.teachers, build_composer(config.composition))
+    issues += model_issues(config)
     return issues
 
 
