@@ -173,8 +173,9 @@ def _check_files(model: RunModel, values: Mapping[str, Any], paths: _KeyPaths, r
     if location.kind == "remote":
         hub = "Hugging Face" if location.hub == "huggingface" else "ModelScope"
         report.notes.append(
-            f"{path}: {location.name} is not in {_hub_cache(location)}: ms-swift will download it from "
-            f"{hub} when training starts (its files were not checked)"
+            f"{path}: {location.name} is not in {_hub_cache(location)} (nor a local folder: "
+            f"{location.looked_at} does not exist): ms-swift will download it from {hub} when training "
+            "starts (its files were not checked)"
         )
         return
     if location.kind == "missing":
