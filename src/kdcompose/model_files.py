@@ -308,11 +308,15 @@ def tap_width(shape: ModelShape, path: str, io: str = "output", children: bool =
 
 
 def _index(text: str, count: int | None, what: str) -> TapWidth | None:
-    """A problem when `text` is not an index below `count` (negative indexes count from the end)."""
-    if not text.lstrip("-").isdigit() or count is None:
+    """A problem when `text` is not an index below `count`. A module path names a child by its
+    registered name ("0", "1", ...), so a negative index names nothing."""
+    if not text.lstrip("-").isdigit():
         return None
     index = int(text)
-    if -count <= index < count:
+    if index < 0:
+        last = f"model's last is {count - 1}" if count else "count from 0"
+        return TapWidth(problem=f"has no {what} named {index}: module paths count from 0 (the {last})")
+    if count is None or index < count:
         return None
     return TapWidth(problem=f"has {count} {what} (indexes 0..{count - 1}), so there is no index {index}")
 

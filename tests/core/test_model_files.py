@@ -59,7 +59,7 @@ def test_both_config_layouts_give_the_same_fields():
         (QWEN3_4B, "model.visual.deepstack_merger_list.2", "output", False, 2560),
         (QWEN3_4B, "model.visual.blocks.23", "output", False, 1024),
         (QWEN25_3B, "model.language_model.layers.35", "output", False, 2048),
-        (QWEN25_3B, "model.language_model.layers.-1", "input", False, 2048),
+        (QWEN25_3B, "model.language_model.layers.1", "input", False, 2048),
         (QWEN25_3B, "model.language_model", "output", False, 2048),
         (QWEN25_3B, "lm_head", "input", False, 2048),
         (QWEN25_7B, "lm_head", "output", False, 152064),
@@ -88,7 +88,7 @@ def test_widths_of_known_module_paths(shape, path, io, children, width):
     ("shape", "path", "children", "says"),
     [
         (QWEN25_3B, "model.language_model.layers.36", False, "36 decoder layers"),
-        (QWEN25_3B, "model.language_model.layers.-37", False, "no index -37"),
+        (QWEN25_3B, "model.language_model.layers.-1", False, "count from 0 (the model's last is 35)"),
         (QWEN25_3B, "model.visual.deepstack_merger_list", True, "no deepstack mergers"),
         (QWEN3_4B, "model.visual.deepstack_merger_list.3", False, "3 deepstack mergers"),
         (QWEN3_4B, "model.visual.blocks.24", False, "24 vision blocks"),
