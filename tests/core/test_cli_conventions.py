@@ -87,3 +87,24 @@ def test_validate_json_reports_a_bad_override(tmp_path, capsys):
     (error,) = json.loads(capsys.readouterr().out)["errors"]
     assert error["path"] == "rlhf.loss_terms.ce.weight"
     assert error["message"].endswith("(from --set rlhf.loss_terms.ce.weight=-2)")
+
+
+def test_overrides_travel_with_a_multi_process_relaunch(monkeypatch):
+    """With NPROC_PER_NODE, `kdcompose train` re-launches itself per process: the --set options
+    must reach every process, or the ranks would train another config than the one validated."""
+    from kdcompose.integrations.swift.launch import _torchrun_command
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    command = _torchrun_command("cfg.yaml", ["training.max_steps=2", "rlhf.loss_terms.ce.weight=0"])
+    assert command is not None
+    tail = command[command.index("kdcompose.cli") :]
+    assert tail == [
+        "kdcompose.cli",
+        "train",
+        "cfg.yaml",
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "rlhf.loss_terms.ce.weight=0",
+    ]
