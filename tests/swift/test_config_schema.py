@@ -4,6 +4,7 @@ editor should flag. Marked swift: the schema lists ms-swift's arguments, read of
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -87,7 +88,7 @@ def test_kdcompose_keys_and_plugin_terms_are_accepted(validator):
 
 def test_a_plugin_passed_to_the_schema_command_is_checked_strictly(tmp_path):
     """`kdcompose schema --plugin FILE` describes the plug-in's terms; its knobs are then strict."""
-    before = set(registered_terms())
+    before, modules = set(registered_terms()), set(sys.modules)
     try:
         from kdcompose.config import load_plugins
 
@@ -95,9 +96,12 @@ def test_a_plugin_passed_to_the_schema_command_is_checked_strictly(tmp_path):
         load_plugins([str(REPO / "examples" / "relation_kd_term.py")], None, issues)
         assert not issues
         schema = config_json_schema()
-    finally:
+    finally:  # leave no trace: a later `plugins:` of the same file must import and register it again
         for key in set(registered_terms()) - before:
             unregister_term(key)
+        for name in set(sys.modules) - modules:
+            if name.startswith("kdcompose_plugin_"):  # the plug-in file's own module, nothing else
+                del sys.modules[name]
     assert "term_relation_kd" in schema["$defs"]
     strict = jsonschema.Draft202012Validator(schema)
     good = {"rlhf": {"loss_terms": {"relation_kd": {"weight": 0.5, "student_layer": "model.x"}}}}

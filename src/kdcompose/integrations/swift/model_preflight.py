@@ -91,6 +91,7 @@ def model_notes(config: Any) -> list[str]:
 
 
 def inspect_models(config: Any) -> ModelReport:
+    """Issues and notes for the student and the local teacher of `config` (a KDConfig)."""
     values: Mapping[str, Any] = config.swift_args
     paths = _KeyPaths(config.arg_paths)
     report = ModelReport()
@@ -112,7 +113,7 @@ def inspect_models(config: Any) -> ModelReport:
 
     registry = swift_registry()
     for model in models:
-        _check_files(model, values, paths, report)
+        _check_files(model, paths, report)
         _resolve_model_type(model, values, paths, registry, plugins, report)
     if student is not None:
         _check_template(student, values, paths, registry, plugins, report)
@@ -123,9 +124,9 @@ def inspect_models(config: Any) -> ModelReport:
     composer.remote_teachers = frozenset(config.teachers)
     needs = composer.needs
     student_shape = student.shape if student is not None else None
+    # no local teacher model: ms-swift distils from the student itself (a cache or server teacher
+    # has no features, which source_issues already refuses for feature pairs)
     teacher_shape = teacher.shape if teacher is not None else student_shape
-    if values.get("teacher_model") is None and default_teacher is None:
-        teacher_shape = student_shape  # no teacher model: ms-swift distils from the student itself
     report.issues += _feature_pair_issues(needs.pairs, student, teacher, student_shape, teacher_shape)
     if needs.teacher_logits and student is not None and teacher is not None:
         report.issues += _vocab_issues(student, teacher, paths)
@@ -168,7 +169,7 @@ def _hub_cache(location: ModelLocation) -> str:
     return f"the ModelScope cache ({modelscope_cache_root()})"
 
 
-def _check_files(model: RunModel, values: Mapping[str, Any], paths: _KeyPaths, report: ModelReport) -> None:
+def _check_files(model: RunModel, paths: _KeyPaths, report: ModelReport) -> None:
     location, path = model.location, paths(model.key)
     if location.kind == "remote":
         hub = "Hugging Face" if location.hub == "huggingface" else "ModelScope"
