@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.swift
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# configs/*.yaml against the models they name: tests/swift/test_validate_models_cli.py
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -25,33 +25,6 @@ def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
     return str(path)
-
-
-def test_example_configs_all_validate_and_print_their_formula():
-    assert len(CONFIGS) >= 4
-    result = run_cli("validate", *map(str, CONFIGS))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("Loss = ") == len(CONFIGS)
-
-
-@pytest.mark.parametrize(
-    ("name", "formula"),
-    [
-        ("default_gkd.yaml", "Loss = 1*lm_jsd(beta=0.5, T=0.9)"),
-        ("lm_kd_scaled.yaml", "Loss = 0.5*lm_jsd(beta=0.5, T=0.9) + 0.2*ce"),
-        ("visual_only.yaml", "Loss = 1*ce + 0.5*visual_kd(0.5*vit:cosine, aligner:mse)"),
-        ("full_composition.yaml", "Loss = 0.7*lm_jsd(beta=0.5) + 0.3*ce + 0.2*visual_kd(aligner:mse)"),
-    ],
-)
-def test_example_config_json_matches_its_documented_formula(name, formula):
-    result = run_cli("validate", str(REPO / "configs" / name), "--json")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
-    assert payload["formula"] == formula
-    # the comment at the top of each config states the same formula
-    assert formula in (REPO / "configs" / name).read_text()
-    for row in payload["terms"]:
-        assert {"name", "type", "weight", "active", "metric"} <= row.keys()
 
 
 def test_json_reports_terms_and_teacher_need(tmp_path):
@@ -108,9 +81,12 @@ def test_missing_file_exits_2(tmp_path):
 
 
 def test_schema_is_json_schema_with_every_registered_term():
-    result = run_cli("schema")
-    assert result.returncode == 0
+    """(Completeness against every config and doc example: tests/swift/test_config_schema.py.)"""
+    result = run_cli("schema", "--plugin", str(REPO / "examples" / "relation_kd_term.py"))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) < 300_000, "small enough for an editor (ms-swift's arguments defined once)"
     schema = json.loads(result.stdout)
+    assert "term_relation_kd" in schema["$defs"], "--plugin adds the plug-in's terms"
     assert schema["additionalProperties"] is False
     for term in ("lm_jsd", "ce", "visual_kd"):
         assert f"term_{term}" in schema["$defs"]

@@ -130,8 +130,11 @@ def test_every_problem_is_reported_at_once(tmp_path):
     _no_teacher(data)
     code, _, err = _train_in_process(write_config(tmp_path / "bad.yaml", data))
     assert code == 2
-    assert "(3 problems)" in err
-    assert all(p in err for p in ("training.learning_rat", "training.use_liger_kernel", "rlhf.teacher_model"))
+    assert "(4 problems)" in err  # the three edits, and the student path that does not exist
+    assert all(
+        p in err
+        for p in ("training.learning_rat", "training.use_liger_kernel", "rlhf.teacher_model", "model.model")
+    )
 
 
 def test_cli_exit_code_and_message_without_traceback(tmp_path):
@@ -144,14 +147,14 @@ def test_cli_exit_code_and_message_without_traceback(tmp_path):
 
 
 def test_no_teacher_is_fine_when_no_active_term_needs_one(tmp_path):
-    data = _bad(tmp_path, rlhf={"llm_kd_weight": 0.0, "sft_alpha": 1.0})
+    data = sections(tmp_path / "out", rlhf={"llm_kd_weight": 0.0, "sft_alpha": 1.0})  # real model files
     _no_teacher(data)
     kwargs = swift_kwargs(parse_config(data))
     assert "teacher_model" not in kwargs
 
 
 def test_rlhf_type_defaults_to_gkd_and_list_arguments_accept_scalars(tmp_path):
-    data = _bad(tmp_path, drop=("rlhf_type",))
+    data = sections(tmp_path / "out", drop=("rlhf_type",))  # real model files: the preflight reads them
     data["data"]["dataset"] = "one.jsonl"
     kwargs = swift_kwargs(parse_config(data))
     assert kwargs["rlhf_type"] == "gkd"
@@ -263,9 +266,8 @@ def _expected_trainer_run(clear: object = "read"):
 
 def _parse_with_plugin(argv: list[str]):
     """ms-swift's own argument parsing (`swift rlhf` does exactly this) with our plugin."""
-    from swift.utils import parse_args
-
     from swift import RLHFArguments
+    from swift.utils import parse_args
 
     for name in [m for m in sys.modules if m.startswith("_swift_external_")]:
         del sys.modules[name]  # ms-swift imports a plugin file once per process

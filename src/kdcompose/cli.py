@@ -1,7 +1,8 @@
 """The `kdcompose` command line.
 
 Exit codes: 0 success, 2 invalid config or usage (message on stderr naming each offending
-dotted path), 1 anything else.
+dotted path), 1 anything else. `kdcompose` alone prints this help; `kdcompose COMMAND -h`
+describes a command, its exit codes and the environment variables it reads.
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from kdcompose.errors import ConfigError
 
 EXIT_INVALID = 2
+
+SET_HELP = (
+    "override one key of the config for this run: a dotted YAML path and a YAML value, e.g. "
+    "--set training.max_steps=2 --set rlhf.loss_terms.ce.weight=0 (repeatable; checked like the file)"
+)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -26,20 +33,25 @@ def _validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.configs:
         try:
-            config = load_config(path)
-            _preflight(config)
+            config = load_config(path, args.overrides)
+            notes = _preflight(config)
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
+            if args.json:
+                errors = [{"path": issue.path, "message": issue.message} for issue in exc.issues]
+                print(json.dumps({"ok": False, "errors": errors}, indent=2))
             status = EXIT_INVALID
             continue
         composer = config.composer
         rows = describe_terms(composer)
         if args.json:
             payload = {
+                "ok": True,
                 "terms": list(rows),
                 "needs_teacher": composer.needs.teacher,
                 "formula": composer.formula(),
                 "llm_kd_weight": config.llm_kd_weight,
+                "notes": notes,
             }
             print(json.dumps(payload, indent=2))
         else:
@@ -47,19 +59,24 @@ def _validate(args: argparse.Namespace) -> int:
             print(_table(rows))
             print(f"  {composer.formula()}")
             print(f"  teacher needed: {'yes' if composer.needs.teacher else 'no'}")
+            for note in notes:
+                print(f"  note: {note}")
     return status
 
 
-def _preflight(config: object) -> None:
+def _preflight(config: object) -> list[str]:
     """The checks `train` makes before loading a model (ms-swift argument names, rlhf_type,
-    unsupported settings, teacher), when ms-swift is installed: a config that validates starts.
+    unsupported settings, teacher, the models' files), when ms-swift is installed: a config
+    that validates starts. Returns notes that are not errors (a model that will be downloaded).
     Without ms-swift only kdcompose's own keys can be checked, and validate says so."""
     from kdcompose.integrations.swift.launch.preflight import check_config, swift_importable
 
-    if swift_importable():
-        check_config(config)
-    else:
-        print("note: ms-swift is not installed; ms-swift argument names were not checked", file=sys.stderr)
+    if not swift_importable():
+        return ["ms-swift is not installed; ms-swift argument names and the models were not checked"]
+    check_config(config)
+    from kdcompose.integrations.swift.launch.model_preflight import model_notes
+
+    return model_notes(config)
 
 
 def _table(rows: Sequence[dict]) -> str:
@@ -86,8 +103,15 @@ def _table(rows: Sequence[dict]) -> str:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    from kdcompose.config import load_plugins
+    from kdcompose.errors import ConfigIssue
     from kdcompose.json_schema import config_json_schema
 
+    issues: list[ConfigIssue] = []
+    load_plugins(list(args.plugins), None, issues)
+    if issues:
+        print(ConfigError(issues, source="--plugin").render(), file=sys.stderr)
+        return EXIT_INVALID
     print(json.dumps(config_json_schema(), indent=2))
     return 0
 
@@ -95,7 +119,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from kdcompose.integrations.swift.launch.command import train
 
-    return train(args.config)
+    return train(args.config, overrides=args.overrides)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -127,24 +151,136 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kdcompose", description="Pluggable loss composition for knowledge distillation with ms-swift."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# ---------------------------------------------------------------------- what each command's help says
 
-    p = sub.add_parser("validate", help="resolve a config's loss composition without loading any model")
+_EXIT_CONFIG = (
+    "  0  success\n"
+    "  1  any other failure (the message says what)\n"
+    "  2  invalid config or usage: the message names each dotted YAML path"
+)
+_MODEL_ENV = (
+    "  HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, MODELSCOPE_OFFLINE\n"
+    "                       offline mode: a hub id not in the local cache is an error, not a download\n"
+    "  USE_HF               1: models come from the Hugging Face hub (default: ModelScope, as ms-swift)\n"
+    "  HF_HOME, HF_HUB_CACHE, MODELSCOPE_CACHE\n"
+    "                       where the hubs' local caches are looked up\n"
+    "  KDCOMPOSE_CACHE      kdcompose's cache folder (ms-swift names; default ~/.cache/kdcompose)"
+)
+_LAUNCH_ENV = (
+    "  NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT\n"
+    "                       run on several processes / nodes (re-launched under torch.distributed.run)\n"
+    "  KDCOMPOSE_TEACHER_SERVER_API_KEY, KDCOMPOSE_TEACHER_SERVER_TIMEOUT_S, _WAIT_S, _RETRIES, _BACKOFF_S\n"
+    "                       teacher servers (docs/teacher_server.md)\n"
+    "  KDCOMPOSE_RESUME_ALLOW_CHANGES\n"
+    "                       1: resume although the config changed since the checkpoint\n"
+    "  KDCOMPOSE_ALLOW_UNTESTED_SWIFT\n"
+    "                       1: run with an ms-swift version outside the tested range\n"
+    "  KDCOMPOSE_DEBUG      1: an ms-swift start-up error shows its traceback, not the config message\n"
+    "  (and every variable ms-swift, transformers and torch read, e.g. CUDA_VISIBLE_DEVICES)"
+)
+
+
+def _help(description: str, exit_codes: str = _EXIT_CONFIG, env: str = "  none") -> dict[str, str]:
+    return {
+        "description": textwrap.fill(description, 88),
+        "epilog": f"exit codes:\n{exit_codes}\n\nenvironment variables:\n{env}",
+    }
+
+
+COMMAND_HELP: dict[str, dict[str, str]] = {
+    "validate": _help(
+        "Check a config as `kdcompose train` would, without loading a model: the loss composition "
+        "(legacy knobs included), every ms-swift argument name, the settings kdcompose refuses, the "
+        "teachers and caches, and the models' own files (config.json, tokenizer): paths or cached hub "
+        "ids, model_type and template known to ms-swift and fitting the checkpoint, feature widths "
+        "(a missing projector), vocabularies. Prints the terms table and the loss formula.",
+        env=_MODEL_ENV,
+    ),
+    "schema": _help(
+        "Print the JSON Schema of the config (for editors): every section with ms-swift's arguments "
+        "(when ms-swift is installed), kdcompose's own keys and every registered term type, "
+        "including installed plug-ins and those named with --plugin.",
+        env="  KDCOMPOSE_CACHE      kdcompose's cache folder",
+    ),
+    "train": _help(
+        "Train with ms-swift's GKD pipeline and the config's loss composition. Runs every check of "
+        "`validate` first (a bad config costs seconds, not a model load), prints the loss formula, "
+        "and at the end the run folder, its logging.jsonl and the last checkpoint.",
+        exit_codes=_EXIT_CONFIG + "\n  130  interrupted (Ctrl-C); checkpoints saved so far are kept",
+        env=_MODEL_ENV + "\n" + _LAUNCH_ENV,
+    ),
+    "demo": _help(
+        "Build a tiny random teacher/student VLM and a synthetic image dataset on this machine, then "
+        "train on CPU with lm_jsd + ce + visual_kd through `kdcompose train` (about a minute).",
+        env="  KDCOMPOSE_CACHE      where the tiny models are built (default ~/.cache/kdcompose)",
+    ),
+    "plugin-path": _help(
+        "Print the path of the ms-swift plugin file, for `swift rlhf ... --external_plugins PATH`.",
+        exit_codes="  0  success",
+    ),
+    "plot": _help(
+        "Draw a run's loss composition (the weighted terms stacked up to the loss) from its "
+        "logging.jsonl into a PNG.",
+        exit_codes="  0  success\n  1  matplotlib is not installed\n  2  no run log there, nothing to plot",
+        env="  MPLBACKEND           matplotlib's backend (a file backend is used by default)",
+    ),
+    "teacher-cache": _help(
+        "Run the config's teacher once over the training data and store its top-K log-probabilities, "
+        "so training can read them with `rlhf.teacher_cache: DIR` instead of loading the teacher "
+        "(docs/teacher_cache.md). Re-running the same command resumes.",
+        env=_MODEL_ENV + "\n  NPROC_PER_NODE       build with several processes (one per GPU)",
+    ),
+    "serve-teacher": _help(
+        "Serve a teacher's top-K log-probabilities over HTTP for ms-swift's `teacher_model_server` "
+        "and `rlhf.teachers.NAME.server` (GET /health, POST /infer/; docs/teacher_server.md).",
+        exit_codes="  0  stopped normally\n  1  the model could not be loaded or served\n  2  bad options",
+        env=_MODEL_ENV,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdcompose import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kdcompose",
+        description="Pluggable loss composition for knowledge distillation with ms-swift.",
+        epilog="`kdcompose COMMAND -h` describes a command, its exit codes and environment variables.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"kdcompose {__version__}", help="print the version and exit"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("validate", help="check a config as train would, without loading any model")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config file(s)")
     p.add_argument(
-        "--json", action="store_true", help="print one JSON object (terms, needs_teacher, formula)"
+        "--json",
+        action="store_true",
+        help='print one JSON object: {"ok": true, "terms", "needs_teacher", "formula", "notes"}, or '
+        '{"ok": false, "errors": [{"path", "message"}]} for an invalid config',
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="DOTTED.KEY=VALUE", help=SET_HELP
     )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the config (for editors)")
+    p.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="also describe the terms this module or .py file registers (repeatable; as `plugins:`)",
+    )
     p.set_defaults(func=_schema)
 
     p = sub.add_parser("train", help="train with ms-swift's GKD pipeline and the config's loss composition")
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="DOTTED.KEY=VALUE", help=SET_HELP
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -178,12 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cli.add_arguments(p)
     p.set_defaults(func=serve_cli.run)
+
+    for name, command in sub.choices.items():
+        texts = COMMAND_HELP.get(name)
+        if texts is not None:
+            command.description = texts["description"]
+            command.epilog = texts["epilog"]
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `kdcompose`: the overview, not an error
+        parser.print_help()
+        return 0
     return int(args.func(args))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -81,9 +81,10 @@ class KDConfig:
 
 def _import_plugin(entry: str, base_dir: Path | None) -> None:
     if entry.endswith(".py"):
-        path = Path(entry)
+        path = Path(entry).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
+        path = path.resolve()
         if not path.is_file():
             raise FileNotFoundError(f"plugin file not found: {path}")
         name = f"kdcompose_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
@@ -196,7 +197,9 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     composition = resolve_composition(
         own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
     )
-    teachers = parse_sources(own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues)
+    teachers = parse_sources(
+        own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues, base_dir
+    )
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
     config = KDConfig(
@@ -217,6 +220,15 @@ def parse_config_text(text: str, source: str | None = None) -> KDConfig:
     return parse_config(parse_yaml(text, source=source), source=source)
 
 
-def load_config(path: str | Path) -> KDConfig:
-    """Read, parse and validate a YAML config file (never loads a model)."""
-    return parse_config(load_yaml_file(path), source=str(path))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> KDConfig:
+    """Read, parse and validate a YAML config file (never loads a model). `overrides` are
+    `DOTTED.KEY=VALUE` strings (`kdcompose train/validate --set`), applied to the parsed YAML
+    before validation, so they are checked exactly like the file (kdcompose.overrides)."""
+    from kdcompose.overrides import apply_overrides, note_overrides, parse_overrides
+
+    parsed = parse_overrides(overrides)
+    data = apply_overrides(load_yaml_file(path), parsed, source=str(path))
+    try:
+        return parse_config(data, source=str(path))
+    except ConfigError as exc:
+        raise note_overrides(exc, parsed) from None

@@ -19,18 +19,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-type", required=True, help="ms-swift model_type, as given to teacher_model_type")
     p.add_argument("--template", default=None, help="ms-swift template (use the trainer's `template`)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest K a request may ask")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /infer/")
-    p.add_argument("--torch-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--torch-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-pixels", type=int, default=None, help="ms-swift max_pixels (as the trainer)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
     p.add_argument("--max-requests", type=int, default=d.max_requests, help="infer_requests per call")
-    p.add_argument("--max-tokens-per-request", type=int, default=d.max_tokens_per_request)
+    p.add_argument(
+        "--max-tokens-per-request", type=int, default=d.max_tokens_per_request, help="tokens a request"
+    )
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens a forward")
     p.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms, help="wait to gather requests")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
 
 
 def run(args: argparse.Namespace) -> int:

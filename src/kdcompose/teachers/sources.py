@@ -8,6 +8,12 @@ A run has a *default* teacher (name `""`) and optionally *named* teachers:
 * named: `rlhf.teachers: {NAME: {server: URL} | {cache: DIR}}`, read by top-k terms with
   `teacher: NAME`.
 
+Paths: a cache directory written relative (`teacher_cache: cache/top64`) is read from the
+config file's folder, like `plugins:`, so a config means the same files whatever folder
+`kdcompose` is started from; it is stored (and shown in every message) as an absolute path.
+ms-swift's own path arguments (`model`, `dataset`, `output_dir`, ...) keep ms-swift's rule:
+relative to the working directory.
+
 Caches and servers hand over only top-K log-probabilities, so every active term that reads
 such a teacher must be a top-k term; anything that needs the teacher's full logits, hidden
 states or module outputs needs a local teacher. These checks run when the config is loaded,
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from kdcompose.errors import ConfigIssue
@@ -47,14 +54,25 @@ class TeacherSource:
         return cls(data["name"], data["kind"], data["location"], data["origin"])  # type: ignore[arg-type]
 
 
+def resolve_config_path(location: str, base_dir: Path | None) -> str:
+    """An absolute path for a path kdcompose owns: a relative one is taken from the config's
+    folder (`base_dir`; the working directory for a config that is not a file), `~` expanded."""
+    path = Path(location).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return str(path.resolve())
+
+
 def parse_sources(
     teacher_cache: Any,
     teachers: Any,
     swift_args: Mapping[str, Any],
     paths: Mapping[str, str],
     issues: list[ConfigIssue],
+    base_dir: Path | None = None,
 ) -> dict[str, TeacherSource]:
-    """The non-local teachers of a config by name (`""` = the default); problems into `issues`."""
+    """The non-local teachers of a config by name (`""` = the default); problems into `issues`.
+    Cache directories are made absolute from `base_dir`, the config's folder."""
     sources: dict[str, TeacherSource] = {}
     server = swift_args.get("teacher_model_server")
     server_path = paths.get("teacher_model_server", SERVER_PATH)
@@ -73,7 +91,8 @@ def parse_sources(
                 )
             )
         else:
-            sources[DEFAULT] = TeacherSource(DEFAULT, "cache", teacher_cache, TEACHER_CACHE_PATH)
+            location = resolve_config_path(teacher_cache, base_dir)
+            sources[DEFAULT] = TeacherSource(DEFAULT, "cache", location, TEACHER_CACHE_PATH)
     elif server is not None:
         sources[DEFAULT] = TeacherSource(DEFAULT, "server", str(server), server_path)
     if teachers is None:
@@ -106,6 +125,8 @@ def parse_sources(
         if kind == "server" and not location.startswith(("http://", "https://")):
             issues.append(ConfigIssue(f"{path}.server", f"must be an http(s) URL, got {location!r}"))
             continue
+        if kind == "cache":
+            location = resolve_config_path(location, base_dir)
         sources[name] = TeacherSource(name, kind, location, f"{path}.{kind}")
     return sources
 
@@ -181,7 +202,7 @@ def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIs
         return [
             ConfigIssue(
                 source.origin,
-                f"{source.location!r} is not a teacher cache (no readable manifest.json); build it with "
+                f"{source.location} is not a teacher cache (no readable manifest.json there); build it with "
                 "`kdcompose teacher-cache CONFIG.yaml --out DIR`",
             )
         ]

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, ConfigDict
 
 from kdcompose.errors import ConfigIssue
 from kdcompose.nonfinite import OnNonFinite
 from kdcompose.normalization import TokenNormalization
 from kdcompose.primitives import connected_zero
 from kdcompose.schedules import ScheduleSpec
-from kdcompose.schema.types import Weight
+from kdcompose.schema.types import Bool, Weight
 
 Side = Literal["student", "teacher"]
 TapIO = Literal["output", "input"]
@@ -51,7 +51,7 @@ class TermSpec(BaseModel):
     schedule: ScheduleSpec | None = None
     """Multiplies `weight` by a function of the optimizer step (kdcompose.schedules); a base
     weight of 0 keeps the term off whatever the schedule says."""
-    log_raw: StrictBool = False
+    log_raw: Bool = False
     """Also log the unweighted value as `<metric>_raw` (the weighted one is always logged)."""
     on_nonfinite: OnNonFinite = "error"
     """What the trainer does when this term is NaN/inf: `error` stops before the step is

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import StrictBool, StrictStr
+from pydantic import StrictStr
 
 from kdcompose.defaults import SWIFT_GKD_BETA, SWIFT_GKD_TEMPERATURE
 from kdcompose.errors import ConfigIssue
@@ -26,7 +26,7 @@ from kdcompose.functional import (
 )
 from kdcompose.functional.vocab import align_labelled_rows
 from kdcompose.registry import register_term
-from kdcompose.schema.types import PositiveFloat, PositiveInt, Probability
+from kdcompose.schema.types import Bool, PositiveFloat, PositiveInt, Probability
 from kdcompose.sharding import call_through_head
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue, TopkRequest
 
@@ -38,7 +38,7 @@ class LmJsdSpec(TermSpec):
     beta: Probability | None = None
     temperature: PositiveFloat | None = None
     chunk_size: PositiveInt | None = None
-    fused: StrictBool = False
+    fused: Bool = False
     """Compute the JSD from both models' final hidden states and LM-head weights, one chunk of
     labelled tokens at a time, so neither model's full `[tokens, vocab]` logits (nor the student's
     logits gradient) ever exist (`kdcompose.functional.fused_linear_generalized_jsd`). Same value

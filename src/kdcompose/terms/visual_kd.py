@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictStr
 
 from kdcompose.errors import ConfigIssue
 from kdcompose.functional import feature_distance
 from kdcompose.registry import register_term
-from kdcompose.schema.types import Weight
+from kdcompose.schema.types import Bool, Weight
 from kdcompose.terms.base import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
 from kdcompose.terms.features import compare_features
 
@@ -46,7 +46,7 @@ class VisualTargetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: StrictBool = True
+    enabled: Bool = True
     weight: Weight = 1.0
     distance: Literal["mse", "cosine", "smooth_l1"] = "mse"
     module: StrictStr | None = None
@@ -66,7 +66,7 @@ class VisualKdSpec(TermSpec):
     """Same shape as the legacy `custom.visual_kd` block: a weight, an optional `enabled`
     switch, and the target blocks directly under it."""
 
-    enabled: StrictBool = True
+    enabled: Bool = True
     vit: VisualTargetSpec | None = None
     aligner: VisualTargetSpec | None = None
     deepstack: VisualTargetSpec | None = None

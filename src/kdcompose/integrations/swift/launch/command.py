@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
@@ -138,7 +138,7 @@ def run(config: KDConfig) -> Any:
         return rlhf_main(arguments)
 
 
-def _torchrun_command(config_path: str) -> list[str] | None:
+def _torchrun_command(config_path: str, overrides: Sequence[str] = ()) -> list[str] | None:
     if os.environ.get("LOCAL_RANK") is not None:
         return None  # already one of the launched processes
     if os.environ.get("NPROC_PER_NODE") is None and os.environ.get("NNODES") is None:
@@ -147,15 +147,23 @@ def _torchrun_command(config_path: str) -> list[str] | None:
     for key in _TORCHRUN_ENV:
         if os.environ.get(key) is not None:
             launcher += [f"--{key.lower()}", os.environ[key]]
-    return [*launcher, "-m", "kdcompose.cli", "train", config_path]
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return [*launcher, "-m", "kdcompose.cli", "train", config_path, *sets]
 
 
-def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """The `kdcompose train` command; returns the exit code (2: invalid config, 1: failure)."""
+def train(
+    config_path: str,
+    *,
+    overrides: Sequence[str] = (),
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """The `kdcompose train` command; returns the exit code (2: invalid config, 1: failure).
+    `overrides`: `DOTTED.KEY=VALUE` strings (`--set`), applied before validation."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, overrides)
     except ConfigError as exc:
         print(exc.render(), file=stderr)
         return EXIT_INVALID
@@ -171,7 +179,7 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
         return EXIT_INVALID
 
     composer = config.composer
-    command = _torchrun_command(config_path)
+    command = _torchrun_command(config_path, overrides)
     if command is not None:
         print(
             f"kdcompose: {composer.formula()}\nkdcompose: launching {' '.join(command)}",
@@ -181,13 +189,16 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
         return _run_launcher(command, stderr)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
+    from kdcompose.integrations.swift.launch.run_summary import run_files
+    from kdcompose.integrations.swift.launch.startup_errors import startup_errors_as_config_errors
     from kdcompose.integrations.swift.teachers import TeacherResponseShort
     from kdcompose.nonfinite import NonFiniteLossError
     from kdcompose.teachers.cache import TeacherCacheError
     from kdcompose.teachers.server_client import TeacherServerError
 
     try:
-        run(config)
+        with startup_errors_as_config_errors(config.swift_args, config.arg_paths, config.source):
+            result = run(config)
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -198,6 +209,8 @@ def train(config_path: str, *, stdout: TextIO | None = None, stderr: TextIO | No
     except ConfigError as exc:  # found once the models are loaded (trainer checks): still a config problem
         print(exc.render(), file=stderr, flush=True)
         return EXIT_INVALID
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print("\n".join(run_files(result, config.swift_args).lines()), file=stdout, flush=True)
     return EXIT_OK
 
 

@@ -62,9 +62,11 @@ def setting_issues(
 
 def config_issues(config: Any) -> list[ConfigIssue]:
     """Everything the preflight finds in a loaded `KDConfig` (imports ms-swift's argument
-    classes, loads no model): unknown argument names first, then the settings."""
+    classes, loads no model): unknown argument names first, then the settings, then what the
+    models' own files show (model_preflight)."""
     from kdcompose.integrations.swift.launch.arg_names import swift_argument_names
     from kdcompose.integrations.swift.launch.args import unknown_argument_issues
+    from kdcompose.integrations.swift.launch.model_preflight import model_issues
     from kdcompose.teachers.sources import cache_issues
     from kdcompose.training.engines import engine_issues
 
@@ -73,6 +75,7 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     issues += setting_issues(config.swift_args, config.composer, paths, frozenset(config.teachers))
     issues += engine_issues(config.swift_args, paths)
     issues += cache_issues(config.teachers, config.composer)
+    issues += model_issues(config)
     return issues
 
 
