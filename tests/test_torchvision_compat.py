@@ -75,10 +75,9 @@ def ops_loadable() -> bool | None:
     return res["ok"]
 
 
-def test_shipped_pth_file_matches_generated_line() -> None:
-    shipped = Path(_startup.__file__).with_name(PTH_NAME)
-    assert shipped.read_text(encoding="utf-8") == PTH_LINE
-    assert PTH_LINE.startswith("import ") and PTH_LINE.count("\n") == 1  # one line, as site expects
+def test_the_hook_line_is_one_import_line_as_site_runs_it() -> None:
+    assert PTH_LINE.startswith("import ") and PTH_LINE.count("\n") == 1  # site executes `import` lines
+    assert PTH_NAME.endswith(".pth")
 
 
 def test_in_process_fix_makes_torchvision_importable(ops_loadable: bool | None) -> None:

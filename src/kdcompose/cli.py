@@ -128,6 +128,20 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.output_dir, args.steps)
 
 
+def _torchvision_hook(args: argparse.Namespace) -> int:
+    from kdcompose.compat import install_startup_hook, remove_startup_hook, startup_hook_installed
+    from kdcompose.compat.torchvision_ops import startup_hook_path
+
+    if args.action == "install":
+        print(f"installed {install_startup_hook()}")
+    elif args.action == "remove":
+        print(f"removed {startup_hook_path()}" if remove_startup_hook() else "no start-up hook was installed")
+    else:
+        state = "installed" if startup_hook_installed() else "not installed"
+        print(f"{startup_hook_path()}: {state}")
+    return 0
+
+
 def _plugin_path(args: argparse.Namespace) -> int:
     from kdcompose.integrations.swift import plugin_path
 
@@ -218,6 +232,15 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
         "Print the path of the ms-swift plugin file, for `swift rlhf ... --external_plugins PATH`.",
         exit_codes="  0  success",
     ),
+    "torchvision-hook": _help(
+        "A CUDA build of torchvision cannot be imported next to a CPU torch. kdcompose's own commands "
+        "fix that in their process; `install` adds a one-line start-up hook to site-packages "
+        "(kdcompose_torchvision.pth) so every Python process gets the fix too -- the child processes "
+        "`swift rlhf` starts, and your own scripts. It does nothing where torchvision works "
+        "(docs/installation.md). Opt-in: nothing is installed until you run this.",
+        exit_codes="  0  success",
+        env="  KDCOMPOSE_DISABLE_TORCHVISION_HOOK   set to 1 to turn an installed hook off",
+    ),
     "plot": _help(
         "Draw a run's loss composition (the weighted terms stacked up to the loss) from its "
         "logging.jsonl into a PNG.",
@@ -295,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
         "plugin-path", help="print the path of the ms-swift plugin (for `swift rlhf --external_plugins`)"
     )
     p.set_defaults(func=_plugin_path)
+
+    p = sub.add_parser(
+        "torchvision-hook",
+        help="install / remove / show the opt-in start-up hook that makes a CUDA torchvision importable "
+        "next to a CPU torch in every Python process (for `swift rlhf` and your own scripts)",
+    )
+    p.add_argument(
+        "action",
+        choices=("install", "remove", "status"),
+        help="what to do (default: status)",
+        nargs="?",
+        default="status",
+    )
+    p.set_defaults(func=_torchvision_hook)
 
     p = sub.add_parser("plot", help="draw a run's loss composition (stacked terms) from its logging.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (v<N>-<time>) or its output_dir (newest)")
