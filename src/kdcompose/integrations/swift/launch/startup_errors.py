@@ -18,12 +18,14 @@ Ctrl-C. `KDCOMPOSE_DEBUG=1` turns the conversion off entirely.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 from kdcompose.errors import ConfigError, ConfigIssue
@@ -47,13 +49,38 @@ _TEMPLATE = Phase("build the template", ("template", "model_type"))
 _DATASET = Phase("load the dataset", ("dataset", "val_dataset"))
 _ARGUMENTS = Phase("build its arguments", ())
 
-_FUNCTION_PHASES: dict[str, Phase] = {
-    "_prepare_template": _TEMPLATE,
-    "get_template": _TEMPLATE,
-    "get_template_meta": _TEMPLATE,
-    "_prepare_dataset": _DATASET,
-    "load_dataset": _DATASET,
-}
+
+
+@functools.cache
+def _phase_code() -> dict[CodeType, Phase]:
+    """ms-swift 4.6's start-up functions (their code objects) and the phase each belongs to.
+    Looked up on ms-swift itself, so a renamed or moved function fails here loudly instead of
+    silently no longer matching."""
+    from swift.arguments import BaseArguments
+    from swift.dataset.loader import load_dataset
+    from swift.model.model_meta import get_model_info_meta
+    from swift.model.register import get_model_processor
+    from swift.pipelines.train.rlhf import SwiftRLHF
+    from swift.pipelines.train.sft import SwiftSft
+    from swift.template.register import get_template, get_template_meta
+
+    phases = {
+        SwiftRLHF._prepare_template: _TEMPLATE,
+        SwiftSft._prepare_template: _TEMPLATE,
+        BaseArguments.get_template: _TEMPLATE,
+        get_template: _TEMPLATE,
+        get_template_meta: _TEMPLATE,
+        SwiftSft._prepare_dataset: _DATASET,
+        BaseArguments.load_dataset: _DATASET,
+        load_dataset: _DATASET,
+        SwiftRLHF._prepare_model_tokenizer: _STUDENT,
+        SwiftSft._prepare_model_tokenizer: _STUDENT,
+        get_model_info_meta: _STUDENT,
+        get_model_processor: _STUDENT,
+        BaseArguments.get_model_processor: _STUDENT,
+        SwiftRLHF._prepare_single_model: _TEACHER,
+    }
+    return {inspect.unwrap(function).__code__: phase for function, phase in phases.items()}
 
 
 def _swift_frame(frame: FrameType) -> bool:
@@ -67,21 +94,24 @@ def _kdcompose_frame(frame: FrameType) -> bool:
 def startup_phase(tb: TracebackType | None) -> Phase | None:
     """The ms-swift start-up phase a traceback went through (innermost one wins), or None."""
     phase: Phase | None = None
+    known = _phase_code()
     for frame, _ in traceback.walk_tb(tb):
         if not _swift_frame(frame):
             continue
-        name = frame.f_code.co_name
+        found = known.get(frame.f_code)
         module = str(frame.f_globals.get("__name__", ""))
-        if name == "_prepare_single_model" and frame.f_locals.get("key") == "teacher":
-            phase = _TEACHER
-        elif name == "_prepare_model_tokenizer" and phase is None:
-            phase = _STUDENT  # the teacher is loaded inside it too; `_prepare_single_model` overrides
-        elif name in _FUNCTION_PHASES:
-            phase = _FUNCTION_PHASES[name]
+        if found is _TEACHER:
+            if frame.f_locals.get("key") == "teacher":
+                phase = _TEACHER
+        elif found is _STUDENT:
+            # the teacher is loaded inside the student's preparation too; `_prepare_single_model`
+            # of the teacher overrides, and a model loader inside argument building is the student's
+            if phase in (None, _ARGUMENTS):
+                phase = _STUDENT
+        elif found is not None:
+            phase = found
         elif module.startswith("swift.arguments") and phase is None:
             phase = _ARGUMENTS
-        elif name in ("get_model_info_meta", "get_model_processor") and phase in (None, _ARGUMENTS):
-            phase = _STUDENT
     return phase
 
 
