@@ -19,6 +19,7 @@ own gradient, without the reduce-scatter), which the last check shows.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import tempfile
 
@@ -95,7 +96,15 @@ MODES = ("unfused", "fused", "full_tensor")
 
 
 def _rank_main(rank: int, init_file: str) -> None:
-    """All modes in one pair of processes (start-up dominates the cost)."""
+    """All modes in one pair of processes (start-up dominates the cost).
+
+    Teardown order matters: a fully sharded module keeps the process group alive through
+    reference cycles (its hooks and FSDP state point at each other), so after
+    `destroy_process_group` the Gloo group -- its worker threads and their work objects holding
+    tensors -- would live on until the interpreter's own finalization, which then aborts the
+    process now and then ("terminate called without an active exception", SIGABRT; the same cause
+    as pytorch#179291). Collecting those cycles first, and checking that nothing sharded is left,
+    removes the cause."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -105,7 +114,10 @@ def _rank_main(rank: int, init_file: str) -> None:
             except Exception as exc:
                 raise AssertionError(f"mode {mode!r}, rank {rank}: {exc}") from exc
     finally:
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, nn.Module) and is_sharded(o)]
         dist.destroy_process_group()
+    assert not alive, f"rank {rank}: {len(alive)} sharded modules outlive the process group"
 
 
 def _check_mode(rank: int, mode: str) -> None:
