@@ -96,3 +96,14 @@ def test_the_math_imports_no_trainer_and_the_terms_no_framework():
 def test_the_ms_swift_trainer_stays_a_thin_adapter():
     lines = (PACKAGE / "integrations" / "swift" / "trainer.py").read_text(encoding="utf-8").count("\n")
     assert lines <= 300
+
+
+def test_the_core_tests_need_no_ms_swift():
+    """`pytest tests/core` runs without ms-swift: no test there imports it or the swift test support."""
+    offending = [
+        (path.name, name)
+        for path in sorted(Path(__file__).parent.glob("*.py"))
+        for name in _imports(path)
+        if _is(name, "swift") or _is(name, "swift_support")
+    ]
+    assert offending == []

@@ -1,0 +1,289 @@
+"""`kdcompose serve-teacher` as a real process on 127.0.0.1, and the vLLM-free client against it.
+
+The oracle for the served numbers is the local teacher loaded by ms-swift, the sample encoded by
+ms-swift's template in the trainer's mode, one unbatched forward, log_softmax, top-k — what the
+stock trainer's local-teacher path computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from swift_support import subprocess_env
+
+from kdcompose.compat.swift_teacher_client import install_vllm_free_teacher_client
+from kdcompose.serve.process import ServerProcess, free_port
+from kdcompose.teachers.server_client import (
+    TeacherResponseError,
+    TeacherServerClient,
+    TeacherServerError,
+    TeacherServerUnavailable,
+    VLLMFreeInferClient,
+    parse_prompt_logprobs,
+)
+from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_gkd_args
+
+pytestmark = pytest.mark.swift
+
+KEY = "test-key-123"
+MAX_LOGPROBS = 16
+MAX_REQUESTS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return tiny_gkd_args("qwen2_vl", str(tmp_path_factory.mktemp("out")))
+
+
+@pytest.fixture(scope="module")
+def server(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
+    env = subprocess_env(tmp_path_factory.mktemp("env"))
+    extra = ["--api-key", KEY, "--max-logprobs", str(MAX_LOGPROBS), "--max-requests", str(MAX_REQUESTS)]
+    extra += ["--max-body-bytes", str(2**20), "--max-tokens-per-request", "4096", "--torch-dtype", "float32"]
+    with ServerProcess(
+        model=tiny["teacher_model"],
+        model_type=SWIFT_MODEL_TYPE["qwen2_vl"],
+        template=SWIFT_TEMPLATE["qwen2_vl"],
+        extra_args=extra,
+        env=env,
+    ) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def samples(tiny: dict[str, Any]) -> list[dict[str, Any]]:
+    """An image sample from the tiny dataset and a text-only one, as ms-swift sends them."""
+    row = json.loads(Path(tiny["dataset"][0]).read_text().splitlines()[0])
+    text = {
+        "messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "a small red square."},
+        ]
+    }
+    return [{**row, "add_eos": "auto"}, {**text, "add_eos": "auto"}]
+
+
+@pytest.fixture(scope="module")
+def local_topk(tiny: dict[str, Any], samples: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """Per sample: the local teacher's top-16 log-probs [positions-1, 16] and their token ids."""
+    import torch
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    model, processor = get_model_processor(
+        tiny["teacher_model"], model_type="qwen2_vl", torch_dtype=torch.float32, device_map="cpu"
+    )
+    template = get_template(processor, template_type="qwen2_vl", max_length=None)
+    template.model = model
+    template.set_mode("train")
+    template.register_post_encode_hook([model])
+    out = []
+    with torch.inference_mode():
+        for sample in samples:
+            encoded = template.encode(copy.deepcopy(sample), return_length=True)
+            encoded.pop("_extra_kwargs", None)
+            batch = template.data_collator([encoded])
+            batch.pop("labels")
+            logits = model(**batch).logits[0, :-1].double()
+            vals, ids = torch.topk(torch.log_softmax(logits, -1), MAX_LOGPROBS, dim=-1)
+            out.append((vals, ids, encoded["input_ids"]))
+    template.remove_post_encode_hook()
+    return out
+
+
+def _client(server: ServerProcess, **kw: Any) -> TeacherServerClient:
+    return TeacherServerClient(server.url, api_key=KEY, wait_s=30, **kw)
+
+
+def test_health_is_503_while_loading_then_200(server: ServerProcess) -> None:
+    assert server.health_statuses[-1] == 200
+    assert 503 in server.health_statuses  # the model loads after the port opens
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200  # no key needed
+
+
+@pytest.mark.parametrize("k", [8, MAX_LOGPROBS])
+def test_served_topk_equals_local_teacher(server, samples, local_topk, k: int) -> None:
+    import torch
+
+    parsed = _client(server).topk_logprobs(samples, k)
+    assert len(parsed) == len(samples)
+    for (lps, ixs), (vals, ids, input_ids) in zip(parsed, local_topk, strict=True):
+        assert len(lps) == len(input_ids) - 1  # one distribution per predicted prompt token
+        served = torch.tensor(lps, dtype=torch.float64)
+        assert served.shape == (len(input_ids) - 1, k)
+        torch.testing.assert_close(served, vals[:, :k], atol=1e-5, rtol=0)
+        assert torch.equal(torch.tensor(ixs), ids[:, :k])
+
+
+def test_infer_returns_ms_swift_responses_with_the_vllm_layout(server, samples, local_topk) -> None:
+    from swift.infer_engine import RequestConfig
+    from swift.infer_engine.protocol import ChatCompletionResponse, RolloutInferRequest
+    from swift.rlhf_trainers.utils import parse_prompt_logprobs as swift_parse
+
+    requests_ = [RolloutInferRequest(**s) for s in samples]
+    config = RequestConfig(prompt_logprobs=4, max_tokens=1, temperature=0.0)
+    responses = _client(server).infer(requests_, request_config=config, use_tqdm=False)
+    for response, (_vals, ids, input_ids) in zip(responses, local_topk, strict=True):
+        assert isinstance(response, ChatCompletionResponse)
+        assert response.prompt_logprobs[0] is None and response.prompt_token_ids == list(input_ids)
+        for pos, entry in enumerate(response.prompt_logprobs[1:]):
+            actual = str(input_ids[pos + 1])  # vLLM's layout: top-K plus the actual token (K+1-th)
+            assert actual in entry and len(entry) == (
+                4 if actual in {str(i) for i in ids[pos, :4].tolist()} else 5
+            )
+        lps, ixs = swift_parse(response, topk=4)  # ms-swift's own parser drops the extra entry
+        assert ixs == ids[:, :4].tolist()
+        assert lps == parse_prompt_logprobs(response.prompt_logprobs, 4)[0]
+
+
+def test_k0_returns_the_actual_token_only(server, samples) -> None:
+    (lps, ixs), _ = _client(server).topk_logprobs(samples, 0)
+    ids = _client(server).infer_raw(samples[:1], {"prompt_logprobs": 0})[0]["prompt_token_ids"]
+    assert [i[0] for i in ixs] == ids[1:] and all(len(x) == 1 and x[0] <= 0 for x in lps)
+
+
+def test_api_key_required_on_infer(server, samples) -> None:
+    body = {"infer_requests": samples[:1], "request_config": {"prompt_logprobs": 2}}
+    assert requests.post(f"{server.url}/infer/", json=body, timeout=60).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.post(f"{server.url}/infer/", json=body, headers=wrong, timeout=60).status_code == 401
+    right = {"Authorization": f"Bearer {KEY}"}
+    assert requests.post(f"{server.url}/infer/", json=body, headers=right, timeout=60).status_code == 200
+    with pytest.raises(TeacherServerError, match=r"HTTP 401.*API key"):
+        TeacherServerClient(server.url, api_key="nope", wait_s=10).topk_logprobs(samples[:1], 2)
+
+
+def test_limits_answer_413_and_400_with_a_message(server, samples) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(body: Any) -> requests.Response:
+        return requests.post(f"{server.url}/infer/", json=body, headers=headers, timeout=60)
+
+    too_many = post(
+        {"infer_requests": samples[1:] * (MAX_REQUESTS + 1), "request_config": {"prompt_logprobs": 2}}
+    )
+    assert too_many.status_code == 413 and f"limit of {MAX_REQUESTS}" in too_many.json()["message"]
+    huge = {"messages": [{"role": "user", "content": "x" * 2**20}]}
+    big = post({"infer_requests": [huge], "request_config": {"prompt_logprobs": 2}})
+    assert big.status_code == 413 and "bytes" in big.json()["message"]
+    long = {"messages": [{"role": "user", "content": "hello " * 5000}, {"role": "assistant", "content": "x"}]}
+    tokens = post({"infer_requests": [long], "request_config": {"prompt_logprobs": 2}})
+    assert tokens.status_code == 413 and "tokens" in tokens.json()["message"]
+    k = post({"infer_requests": samples[1:], "request_config": {"prompt_logprobs": MAX_LOGPROBS + 1}})
+    assert k.status_code == 400 and f"max_logprobs ({MAX_LOGPROBS})" in k.json()["message"]
+    url = post(
+        {
+            "infer_requests": [{**samples[0], "images": ["http://example.com/a.png"]}],
+            "request_config": {"prompt_logprobs": 2},
+        }
+    )
+    assert url.status_code == 400 and "remote media" in url.json()["message"]
+    with pytest.raises(TeacherServerError, match="max_logprobs"):
+        _client(server).topk_logprobs(samples[1:], MAX_LOGPROBS + 1)
+
+
+def test_concurrent_requests_share_forwards_and_match(server, samples) -> None:
+    client = _client(server)
+    alone = client.topk_logprobs(samples, 8)
+    results: list[Any] = [None] * 6
+    clients = [_client(server) for _ in results]
+
+    def call(i: int) -> None:
+        results[i] = clients[i].topk_logprobs(samples, 8)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for result in results:
+        for (lps, ixs), (lps0, ixs0) in zip(result, alone, strict=True):
+            assert ixs == ixs0
+            diffs = [abs(a - b) for x, y in zip(lps, lps0, strict=True) for a, b in zip(x, y, strict=True)]
+            assert max(diffs) < 1e-5
+
+
+def test_short_or_malformed_answer_names_the_url_and_sample(server, samples) -> None:
+    client = _client(server)
+    good = client.infer_raw(samples, {"prompt_logprobs": 4})
+    short = copy.deepcopy(good[1])
+    short["prompt_logprobs"] = short["prompt_logprobs"][:-3]
+    with pytest.raises(TeacherResponseError, match=rf"{server.url}.*sample 1.*short") as err:
+        client._check(short, 1, 4)
+    assert err.value.index == 1 and err.value.url == server.url
+    thin = copy.deepcopy(good[0])
+    thin["prompt_logprobs"][2] = dict(list(thin["prompt_logprobs"][2].items())[:2])
+    with pytest.raises(TeacherResponseError, match=r"sample 0: position 2: expected at least 4"):
+        client._check(thin, 0, 4)
+    client._check(good[0], 0, 4)  # the real answer passes
+
+
+def test_dead_url_fails_within_the_wait_naming_it() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TeacherServerUnavailable, match=rf"{url} not ready after 2 s"):
+        TeacherServerClient(url, wait_s=2)
+    assert time.monotonic() - start < 6
+    os.environ["KDCOMPOSE_TEACHER_SERVER_WAIT_S"] = "1"
+    try:  # the path ms-swift's trainer takes: VLLMInferClient(base_urls=[url]), env-bounded wait
+        with pytest.raises(TeacherServerUnavailable, match=url):
+            VLLMFreeInferClient(base_urls=[url])
+    finally:
+        del os.environ["KDCOMPOSE_TEACHER_SERVER_WAIT_S"]
+    assert time.monotonic() - start < 10
+
+
+def test_install_patches_only_ms_swifts_teacher_lookup() -> None:
+    from swift.rlhf_trainers import rollout_mixin, vllm_client
+
+    original = rollout_mixin.VLLMInferClient
+    try:
+        assert install_vllm_free_teacher_client() is True  # vLLM is not installed here
+        assert install_vllm_free_teacher_client() is True  # idempotent
+        assert rollout_mixin.VLLMInferClient is VLLMFreeInferClient
+        assert vllm_client.VLLMInferClient is not VLLMFreeInferClient  # the class itself is untouched
+    finally:
+        rollout_mixin.VLLMInferClient = original
+
+
+def test_stalled_server_retried_result_counted_once(server, samples) -> None:
+    """A stall longer than the per-request timeout: the retry's answer is the one returned, once."""
+    client = _client(server, timeout_s=3, retries=6, backoff_s=0.5)
+    reference = client.topk_logprobs(samples, 8)
+    server.pause()
+    timer = threading.Timer(4.0, server.resume)
+    timer.start()
+    try:
+        start = time.monotonic()
+        again = client.topk_logprobs(samples, 8)
+    finally:
+        timer.cancel()
+        server.resume()
+    assert time.monotonic() - start > 3  # at least one attempt timed out and was retried
+    assert len(again) == len(samples)
+    assert [ixs for _, ixs in again] == [ixs for _, ixs in reference]
+
+
+def test_server_killed_mid_run_bounded_retries_then_error(server, samples) -> None:
+    """Runs last in this module: it kills the shared server."""
+    client = _client(server, timeout_s=2, retries=3, backoff_s=0.2)
+    client.topk_logprobs(samples[1:], 4)
+    server.pause()  # stalled: every attempt times out
+    start = time.monotonic()
+    with pytest.raises(TeacherServerUnavailable, match=rf"{server.url} failed 3 tries.*resume") as err:
+        client.topk_logprobs(samples[1:], 4)
+    assert err.value.url == server.url
+    assert time.monotonic() - start < 3 * 2 + 0.2 + 0.4 + 5
+    server.kill()  # dead: connections refused
+    start = time.monotonic()
+    with pytest.raises(TeacherServerUnavailable, match=rf"{server.url} failed 3 tries.*last checkpoint"):
+        client.topk_logprobs(samples[1:], 4)
+    assert time.monotonic() - start < 5
