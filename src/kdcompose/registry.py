@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, TypeVar, overload
 
@@ -110,3 +111,46 @@ def get_term_class(key: str) -> type[LossTerm]:
             f"unknown loss term type {key!r}; registered types: {known}. Register your own with "
             f"@kdcompose.register_term or the {ENTRY_POINT_GROUP!r} entry-point group"
         ) from None
+
+
+# ---------------------------------------------------------------------------------- teacher sources
+
+_TEACHER_SOURCES: dict[str, type] = {}
+_BUILTIN_TEACHER_SOURCES = ("kdcompose.teachers.cache_teacher", "kdcompose.teachers.server_teacher")
+
+
+def register_teacher_source(kind: str) -> Callable[[type], type]:
+    """Register a `kdcompose.teachers.provider.TeacherProvider` subclass for `rlhf.teachers.NAME:
+    {KIND: ...}` blocks (and the default teacher). A kind may be registered once."""
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ValueError(f"a teacher source kind must be an identifier, got {kind!r}")
+
+    def decorator(cls: type) -> type:
+        from kdcompose.teachers.provider import TeacherProvider
+
+        if not (isinstance(cls, type) and issubclass(cls, TeacherProvider)):
+            raise TypeError(
+                f"@register_teacher_source({kind!r}) needs a TeacherProvider subclass, got {cls!r}"
+            )
+        existing = _TEACHER_SOURCES.get(kind)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"teacher source kind {kind!r} is already registered by {existing.__qualname__}")
+        cls.kind = kind
+        _TEACHER_SOURCES[kind] = cls
+        return cls
+
+    return decorator
+
+
+def registered_teacher_sources() -> dict[str, type]:
+    """Every teacher source kind by name (the built-in ones are loaded on first use)."""
+    for module in _BUILTIN_TEACHER_SOURCES:
+        import_module(module)
+    return dict(_TEACHER_SOURCES)
+
+
+def get_teacher_source(kind: str) -> type:
+    sources = registered_teacher_sources()
+    if kind not in sources:
+        raise KeyError(f"no teacher source kind {kind!r}; known: {', '.join(sorted(sources))}")
+    return sources[kind]

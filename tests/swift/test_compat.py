@@ -120,3 +120,31 @@ def test_deepspeed_still_has_the_overflow_path_the_skip_uses():
 
     assert callable(getattr(DeepSpeedZeroOptimizer, "check_overflow", None))
     assert callable(getattr(DeepSpeedZeroOptimizer_Stage3, "_overflow_check_and_loss_scale_update", None))
+
+
+def test_swift_still_announces_self_distillation_and_the_filter_drops_only_that(tmp_path):
+    """A cache as the teacher sets no teacher_model: ms-swift would announce self-distillation."""
+    import logging
+
+    from swift.arguments.rlhf_args import RLHFArguments
+    from swift.utils import get_logger
+
+    from kdcompose.compat.swift_self_distillation_notice import NOTICE, without_self_distillation_notice
+
+    source = inspect.getsource(RLHFArguments._check_teacher)
+    assert NOTICE in source, "ms-swift no longer logs the self-distillation notice: the filter can go"
+    logger, seen = get_logger(), []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    catch = Catch()
+    logger.addHandler(catch)
+    try:
+        with without_self_distillation_notice():
+            logger.info(NOTICE + " (teacher = student).")
+            logger.info("another line")
+    finally:
+        logger.removeHandler(catch)
+    assert seen == ["another line"]

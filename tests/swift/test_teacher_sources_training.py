@@ -95,6 +95,10 @@ def test_a_float32_cache_reproduces_the_live_topk_run_with_the_teacher_files_abs
     rlhf = {"gkd_logits_topk": 8, "teacher_cache": str(cache_dir)}
     result, _ = _train(tmp, "cached", rlhf, teacher_model="/nonexistent/teacher")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"kdcompose: teacher: cache {cache_dir} (top-8, " in result.stdout, (
+        "the start-up line names the cache"
+    )
+    assert "self-distillation" not in result.stdout + result.stderr, "the student is not its own teacher"
     rows = step_logs(tmp / "cached")
     assert _losses(rows) == pytest.approx(_losses(live), abs=TOL, rel=0)
     assert _losses(rows, "llm_kd_loss_topk_mass") == pytest.approx(
@@ -107,6 +111,7 @@ def test_stock_config_with_teacher_model_server_trains_like_the_local_top8_teach
     rlhf = {"gkd_logits_topk": 8, "teacher_model_server": server.url}
     result, _ = _train(tmp, "served", rlhf, drop=("teacher_model", "teacher_model_type"))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"kdcompose: teacher: server {server.url}" in result.stdout
     assert _losses(step_logs(tmp / "served")) == pytest.approx(_losses(live), abs=TOL, rel=0)
 
 
@@ -123,6 +128,10 @@ def test_two_named_teachers_in_one_run_log_their_own_terms(tmp, live, cache_dir,
     result, _ = _train(tmp, "named", rlhf, drop=("teacher_model", "teacher_model_type"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Loss = 0.5*lm_jsd_cached(" in result.stdout and "0.25*lm_jsd_served(" in result.stdout
+    assert (
+        f"teacher cached: cache {cache_dir}" in result.stdout
+        and f"teacher served: server {server.url}" in result.stdout
+    )
     rows = step_logs(tmp / "named")
     # Both teachers are the same tiny model, so at step 1 (same student) each term is its weight
     # times the live run's top-8 JSD; later steps differ because this run trains differently.
@@ -197,8 +206,8 @@ def test_a_server_failure_on_the_main_process_reaches_every_rank_through_the_bro
     raising alone while the others wait in the broadcast."""
     from swift_support import shared_trainer
 
-    from kdcompose.integrations.swift.teachers import TeacherFetchFailure
     from kdcompose.teachers.server_client import TeacherServerError, TeacherServerUnavailable
+    from kdcompose.teachers.server_teacher import FetchFailure as TeacherFetchFailure
 
     class DeadClient:
         def infer(self, *args, **kwargs):

@@ -128,3 +128,10 @@ def teacher_terms(composer: Any, remote: frozenset[str] = frozenset()) -> list[s
     """Names of the active terms that need a local teacher model (`remote`: the teachers that
     are caches or servers, whose top-K needs no model)."""
     return [t.name for t in composer.active_terms if t.needs.served(remote).teacher]
+
+
+def is_swift_teacher_server(source: Any) -> bool:
+    """Whether a run's teacher source is ms-swift's own `teacher_model_server` route: a default
+    teacher (`""`) that is a server can only come from that key, and ms-swift then asks the
+    server itself (kdcompose reads the answer from its batch)."""
+    return source is not None and source.name == "" and source.kind == "server"

@@ -17,15 +17,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TextIO
 
+from kdcompose.compat.swift_self_distillation_notice import without_self_distillation_notice
 from kdcompose.composer import LossComposer
 from kdcompose.config import KDConfig, load_config
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import TRAINER_PATH
 from kdcompose.integrations.swift.launch.args import (
     coerce_to_fields,
+    is_swift_teacher_server,
     swift_argument_fields,
 )
 from kdcompose.integrations.swift.launch.preflight import check_config
@@ -54,17 +56,18 @@ def swift_kwargs(config: KDConfig) -> dict[str, Any]:
 
 
 TEACHER_MODEL_ARGS = ("teacher_model", "teacher_model_type", "teacher_model_revision", "teacher_adapters")
-"""ms-swift arguments that make it load a teacher model (dropped when the default teacher is a cache)."""
+"""ms-swift arguments that make it load a teacher model (dropped when a provider is the default teacher)."""
 
 
 def teacher_kwargs(config: KDConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """ms-swift arguments adjusted to where the default teacher is: with `rlhf.teacher_cache` no
-    teacher model is loaded (its files need not exist); with `teacher_model_server` ms-swift asks
-    the server for as many tokens as the top-k terms of the default teacher read."""
+    """ms-swift arguments adjusted to where the default teacher is: with ms-swift's own
+    `teacher_model_server` ms-swift asks the server for as many tokens as the top-k terms of the
+    default teacher read; with any other provider as the default teacher (`rlhf.teacher_cache`)
+    no teacher model is loaded (its files need not exist)."""
     source = config.teachers.get("")
     if source is None:
         return kwargs
-    if source.kind == "cache":
+    if not is_swift_teacher_server(source):
         return {k: v for k, v in kwargs.items() if k not in TEACHER_MODEL_ARGS}
     ks = [r.k for t in config.composer.active_terms for r in t.needs.teacher_topk if not r.teacher]
     if ks and kwargs.get("gkd_logits_topk") is None:
@@ -123,10 +126,31 @@ def build_arguments(config: KDConfig, kwargs: dict[str, Any]) -> Any:
     builds those inside `RLHFArguments.__post_init__`)."""
     from swift import RLHFArguments
 
-    args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
+    default = config.teachers.get("")
+    quiet = default is not None and not is_swift_teacher_server(default)
+    with without_self_distillation_notice() if quiet else nullcontext():  # a provider is the teacher
+        args = RLHFArguments(**prepare_engine(kwargs))  # DeepSpeed: the launcher's set-up (engines.py)
     for target in (args, args.training_args):
         record_composition(target, config.composer)
     return args
+
+
+def teachers_line(config: KDConfig) -> str | None:
+    """Where each teacher the active terms read comes from: `teacher: local PATH`,
+    `teacher: cache DIR (top-64, 512 samples)`, `teacher tutor: server URL`, ... (None when no
+    active term reads a teacher)."""
+    requests = [r for t in config.composer.active_terms for r in t.needs.teacher_topk]
+    named = sorted({r.teacher for r in requests if r.teacher})
+    reads_default = any(not r.teacher for r in requests) or any(
+        t.needs.teacher for t in config.composer.active_terms
+    )
+    parts = []
+    if reads_default:
+        source = config.teachers.get("")
+        local = config.swift_args.get("teacher_model") or "(the student itself)"
+        parts.append(f"teacher: {source.provider().describe() if source else f'local {local}'}")
+    parts += [f"teacher {name}: {config.teachers[name].provider().describe()}" for name in named]
+    return "; ".join(parts) or None
 
 
 def run(config: KDConfig) -> Any:
@@ -189,12 +213,15 @@ def train(
         return _run_launcher(command, stderr)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
+        teachers = teachers_line(config)
+        if teachers:
+            print(f"kdcompose: {teachers}", file=stdout, flush=True)
     from kdcompose.integrations.swift.launch.run_summary import run_files
     from kdcompose.integrations.swift.launch.startup_errors import startup_errors_as_config_errors
-    from kdcompose.integrations.swift.teachers import TeacherResponseShort
     from kdcompose.nonfinite import NonFiniteLossError
     from kdcompose.teachers.cache import TeacherCacheError
     from kdcompose.teachers.server_client import TeacherServerError
+    from kdcompose.teachers.server_teacher import TeacherResponseShort
 
     try:
         with startup_errors_as_config_errors(config.swift_args, config.arg_paths, config.source):

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcompose.errors import ConfigIssue
+from kdcompose.integrations.swift.launch.args import is_swift_teacher_server
 from kdcompose.model_files import (
     PROCESSOR_FILES,
     TOKENIZER_FILES,
@@ -101,7 +102,8 @@ def inspect_models(config: Any) -> ModelReport:
     student = _run_model("student", "model", "model_type", "model_revision", values, hub)
     teacher = None
     default_teacher = config.teachers.get("")
-    if default_teacher is None or default_teacher.kind != "cache":  # a cache run loads no teacher
+    # a provider other than ms-swift's teacher_model_server stands in for the teacher model
+    if default_teacher is None or is_swift_teacher_server(default_teacher):
         teacher = _run_model(
             "teacher", "teacher_model", "teacher_model_type", "teacher_model_revision", values, hub
         )

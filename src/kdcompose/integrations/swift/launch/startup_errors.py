@@ -50,7 +50,6 @@ _DATASET = Phase("load the dataset", ("dataset", "val_dataset"))
 _ARGUMENTS = Phase("build its arguments", ())
 
 
-
 @functools.cache
 def _phase_code() -> dict[CodeType, Phase]:
     """ms-swift 4.6's start-up functions (their code objects) and the phase each belongs to.
