@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from kdcompose.composition import LOSS_TERMS_PATH, Composition, ResolvedTerm, check_composition
+from kdcompose.composition import LOSS_TERMS_PATH, Composition, ResolvedTerm
 from kdcompose.defaults import (
     LLM_KD_WEIGHT_DEFAULT,
     SWIFT_GKD_BETA,
@@ -140,13 +140,7 @@ def resolve_composition(
             if parsed is not None:
                 declared[name] = (parsed[0], parsed[1], path)
 
-    terms: dict[str, ResolvedTerm] = {}
-    terms["lm_jsd"] = _resolve_lm_jsd(declared.pop("lm_jsd", None), kd_weight, knobs, issues)
-    terms["ce"] = _resolve_ce(declared.pop("ce", None), knobs, issues)
-    for name, (type_name, spec, path) in declared.items():
-        if type_name == "lm_jsd":
-            spec = _inherit_jsd_knobs(spec, knobs)
-        terms[name] = ResolvedTerm(name, type_name, spec, path)
+    terms = translate_gkd_knobs(declared, kd_weight, knobs, issues)
 
     if legacy_visual is not None:
         if "visual_kd" in terms:
@@ -168,6 +162,30 @@ def resolve_composition(
     where = lm_jsd.origin if lm_jsd is not None and lm_jsd.origin != "default" else LOSS_TERMS_PATH
     check_composition(composition, issues, where)
     return composition if len(issues) == start else None
+
+
+def translate_gkd_knobs(
+    declared: Mapping[str, tuple[str, TermSpec, str]],
+    kd_weight: float | None,
+    knobs: GkdKnobs,
+    issues: list[ConfigIssue],
+) -> dict[str, ResolvedTerm]:
+    """ms-swift's GKD knobs as terms, merged with the declared `loss_terms`: the one place where
+    ms-swift's loss is spelled out. `lm_jsd` takes `llm_kd_weight` (default 1.0), `beta`,
+    `temperature` and `gkd_logits_topk`; `ce` takes `sft_alpha` (default 0); a `loss_terms` entry of
+    the same name overrides them (stating a knob in both places with different values is an issue
+    naming both); every other `lm_jsd` instance inherits `beta` / `temperature` it does not set.
+    Returns every term in order: `lm_jsd`, `ce`, then the other declared terms."""
+    rest = dict(declared)
+    terms = {
+        "lm_jsd": _resolve_lm_jsd(rest.pop("lm_jsd", None), kd_weight, knobs, issues),
+        "ce": _resolve_ce(rest.pop("ce", None), knobs, issues),
+    }
+    for name, (type_name, spec, path) in rest.items():
+        if type_name == "lm_jsd":
+            spec = _inherit_jsd_knobs(spec, knobs)
+        terms[name] = ResolvedTerm(name, type_name, spec, path)
+    return terms
 
 
 def _inherit_jsd_knobs(spec: TermSpec, knobs: GkdKnobs) -> TermSpec:
@@ -232,6 +250,23 @@ def _resolve_ce(
             )
         spec = spec.model_copy(update={"weight": knobs.sft_alpha})
     return ResolvedTerm("ce", type_name, spec, path)
+
+
+def check_composition(
+    composition: Composition, issues: list[ConfigIssue], where: str = LOSS_TERMS_PATH
+) -> None:
+    """What each active term says about its own settings, and that something is active
+    (`where`: the path to name when nothing is)."""
+    for term in composition.active_terms:
+        issues.extend(get_term_class(term.type)(term.name, term.spec, term.path).config_issues())
+    if not composition.active_terms:
+        issues.append(
+            ConfigIssue(
+                where,
+                "no active loss term: every term has weight 0. Give at least one term a positive weight "
+                "(e.g. rlhf.llm_kd_weight > 0, or enable custom.visual_kd)",
+            )
+        )
 
 
 def stock_gkd_composition(
