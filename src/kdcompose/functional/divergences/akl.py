@@ -12,9 +12,10 @@ as the authors' ``get_ratio`` / ``AKL`` (github.com/wutaiqiang/LLM_KD_AKL, ``mu 
 two distributions agree both gaps are 0 and so is the value (the reference would divide 0 by 0).
 
 The head is found without sorting the vocabulary: a top-k of the teacher's log-probabilities,
-with k growing until the cumulative mass crosses ``mu`` (tied probabilities at the boundary may be
-split differently from a full sort). Under vocabulary parallelism each rank's top-k candidates
-are gathered, so every rank finds the same head threshold.
+with k growing until the cumulative mass crosses ``mu``. Under vocabulary parallelism each rank's
+top-k candidates are gathered, so every rank finds the same head threshold (there, tokens tied
+with the last head token at the boundary all join the head; a full sort would split them in an
+arbitrary order, as it also does in the reference).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def head_candidates(lt: Tensor, mu: float, ops: ChunkOps) -> tuple[Tensor, Tenso
         if complete or bool((n_head < candidates.shape[-1]).all()):
             break
         k = min(4 * k, widest)
+    if ops.group is None:  # the first n_head of the sorted top-k, as the reference's sort
+        return ids, torch.arange(values.shape[-1], device=values.device) < n_head.unsqueeze(-1)
     threshold = candidates.gather(-1, (n_head - 1).unsqueeze(-1))
     return ids, values >= threshold
 
