@@ -104,6 +104,14 @@ class ChunkOps:
         assert self.grad_out is not None
         torch.mul(x, self.coef * scale, out=self.grad_out)
 
+    def write_centered_grad(self, h: Tensor, mean: Tensor, p: Tensor, scale: float = 1.0) -> None:
+        """``grad_out = coef * scale * p * (h - mean[:, None])`` in two passes, the shape of every
+        gradient through a softmax (``p`` the student's probabilities, ``mean = <p, h>``); ``h`` is
+        overwritten."""
+        assert self.grad_out is not None
+        torch.add((mean * -(self.coef * scale)).unsqueeze(-1), h, alpha=self.coef * scale, out=h)
+        torch.mul(h, p, out=self.grad_out)
+
 
 class _GroupSum(torch.autograd.Function):
     """All-reduce (sum) whose backward all-reduces too: correct when every rank backpropagates

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kdcompose.functional.divergences._params import Probability
 from kdcompose.functional.divergences.base import ChunkOps, Divergence, DivergenceParams
-from kdcompose.functional.divergences.kl import centered_into, forward_kl_chunk, reverse_kl_chunk
+from kdcompose.functional.divergences.kl import forward_kl_chunk, reverse_kl_chunk
 from kdcompose.registry import register_divergence
 
 
@@ -75,8 +75,7 @@ class GeneralizedJSD(Divergence):
             kl_s = ops.rowdot(s, diff_s, out=c)
             grad_src = diff_s
         if ops.grad_out is not None:
-            centered_into(grad_src, kl_s, 1.0 - beta, out=grad_src)
-            ops.write_grad(torch.mul(grad_src, s, out=grad_src))
+            ops.write_centered_grad(grad_src, kl_s, s, 1.0 - beta)
         return kl_t.mul_(beta).add_(kl_s, alpha=1.0 - beta)
 
     def teacher_zeros_ok(self) -> bool:

@@ -15,11 +15,6 @@ from kdcompose.functional.divergences.base import ChunkOps, Divergence
 from kdcompose.registry import register_divergence
 
 
-def centered_into(x: Tensor, mean: Tensor, scale: float, out: Tensor) -> Tensor:
-    """``out = scale * (x - mean[:, None])`` in one pass (``out`` may be ``x``)."""
-    return torch.add((mean * -scale).unsqueeze(-1), x, alpha=scale, out=out)
-
-
 def forward_kl_chunk(ls: Tensor, lt: Tensor, ops: ChunkOps) -> Tensor:
     """KL(t || s) per row; gradient ``coef * (s - t)``. One scratch buffer."""
     diff = torch.sub(lt, ls, out=ops.scratch[0])
@@ -37,9 +32,7 @@ def reverse_kl_chunk(ls: Tensor, lt: Tensor, ops: ChunkOps) -> Tensor:
     s = ls.exp_()
     per_row = ops.rowdot(s, diff, out=ops.scratch[0])
     if ops.grad_out is not None:
-        centered_into(diff, per_row, 1.0, out=diff)
-        torch.mul(diff, s, out=diff)
-        ops.write_grad(diff)
+        ops.write_centered_grad(diff, per_row, s)
     return per_row
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kdcompose.functional.divergences._params import Probability
 from kdcompose.functional.divergences.base import ChunkOps, Divergence, DivergenceParams
-from kdcompose.functional.divergences.kl import centered_into, forward_kl_chunk, reverse_kl_chunk
+from kdcompose.functional.divergences.kl import forward_kl_chunk, reverse_kl_chunk
 from kdcompose.registry import register_divergence
 
 
@@ -65,8 +65,7 @@ class SkewForwardKL(Divergence):
         per_row = ops.rowdot(t, torch.sub(lt, lm, out=lt), out=lt)
         if r is not None:
             sr = ops.rowdot(s, r, out=d)
-            centered_into(r, sr, -(1.0 - alpha), out=r)
-            ops.write_grad(torch.mul(r, s, out=r))
+            ops.write_centered_grad(r, sr, s, -(1.0 - alpha))
         return per_row
 
     def teacher_zeros_ok(self) -> bool:
@@ -102,8 +101,7 @@ class SkewReverseKL(Divergence):
         if q is not None:
             h = torch.add(diff, q, alpha=-alpha, out=diff)
             sh = ops.rowdot(s, h, out=lt)
-            centered_into(h, sh, 1.0, out=h)
-            ops.write_grad(torch.mul(h, s, out=h))
+            ops.write_centered_grad(h, sh, s)
         return per_row
 
     def teacher_zeros_ok(self) -> bool:

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from kdcompose.functional.divergences.base import ChunkOps, Divergence
-from kdcompose.functional.divergences.kl import centered_into
 from kdcompose.registry import register_divergence
 
 
@@ -31,8 +30,7 @@ class TotalVariation(Divergence):
         if ops.grad_out is not None:
             sign = torch.sign(d, out=d)
             r = ops.rowdot(s, sign, out=t)
-            centered_into(sign, r, 0.5, out=sign)
-            ops.write_grad(torch.mul(sign, s, out=sign))
+            ops.write_centered_grad(sign, r, s, 0.5)
         return per_row
 
     def teacher_zeros_ok(self) -> bool:
