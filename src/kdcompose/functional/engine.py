@@ -110,6 +110,13 @@ def valid_rows(labels: Tensor | None, n_positions: int, device: torch.device) ->
     return index, n_valid
 
 
+def work_rows(divergence: Divergence) -> int:
+    """Work rows per token the full-vocabulary loop allocates for ``divergence``: ``WORK_ROWS`` (the
+    JSD's four), more for a closed form that needs more, so the auto chunk keeps the work buffers
+    within the same bytes whatever the divergence."""
+    return max(WORK_ROWS, 2 + max(1, divergence.scratch_buffers))
+
+
 def auto_chunk(width: int, dtype: torch.dtype, device: torch.device, rows: int, fused: bool = False) -> int:
     """Tokens per chunk so that ``rows`` work rows of ``width`` entries fit the byte budget."""
     if fused:

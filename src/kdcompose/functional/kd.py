@@ -60,6 +60,7 @@ from kdcompose.functional.engine import (
     execute,
     select_rows,
     valid_rows,
+    work_rows,
 )
 
 DivergenceSpec = Divergence | str | Mapping[str, Any]
@@ -136,7 +137,7 @@ def logits_result(
     index, n_valid = valid_rows(labels, n_positions, student_logits.device)
     if n_valid == 0 or vocab == 0:
         return KdResult(empty_zero(student_logits, dtype), 0, n_valid)
-    chunk = chunk_size or auto_chunk(vocab, dtype, student_logits.device, WORK_ROWS)
+    chunk = chunk_size or auto_chunk(vocab, dtype, student_logits.device, work_rows(div))
     teacher_logits = teacher_logits.detach()
 
     def job(n: int) -> Job:
@@ -275,7 +276,7 @@ def fused_result(
     index, n_valid = valid_rows(labels, n_positions, student_hidden.device)
     if n_valid == 0 or vocab == 0:
         return KdResult(_linear_zero(student_hidden, student_weight, student_bias, dtype), 0, n_valid)
-    chunk = chunk_size or auto_chunk(vocab, dtype, student_hidden.device, WORK_ROWS, fused=True)
+    chunk = chunk_size or auto_chunk(vocab, dtype, student_hidden.device, work_rows(div), fused=True)
     t_hidden, t_weight = teacher_hidden.detach(), teacher_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
 
