@@ -25,7 +25,7 @@ from kdcompose.functional import (
     get_divergence,
     topk_divergence_loss,
 )
-from kdcompose.functional.engine import LogitsGrad
+from kdcompose.functional.grads import LogitsGrad
 from kdcompose.registry import register_divergence, unregister_divergence
 
 IGNORE = -100

@@ -22,7 +22,6 @@ from kdcompose.functional.divergences import (
     TotalVariation,
     get_divergence,
 )
-from kdcompose.functional.engine import TokenSelection, VocabParallel
 from kdcompose.functional.features import DISTANCES, feature_distance
 from kdcompose.functional.fused_jsd import fused_linear_generalized_jsd
 from kdcompose.functional.jsd import generalized_jsd, generalized_jsd_reference, generalized_jsd_sum
@@ -33,6 +32,7 @@ from kdcompose.functional.kd import (
     fused_linear_topk_divergence_loss,
     topk_divergence_loss,
 )
+from kdcompose.functional.tokens import TokenSelection
 from kdcompose.functional.topk_jsd import (
     fused_linear_topk_generalized_jsd,
     teacher_topk,
@@ -41,6 +41,7 @@ from kdcompose.functional.topk_jsd import (
     topk_generalized_jsd_sum,
     topk_mass,
 )
+from kdcompose.functional.vocab_parallel import VocabParallel
 
 __all__ = [
     "DISTANCES",

@@ -32,6 +32,7 @@ from torch import Tensor
 from kdcompose.functional._checks import (
     IGNORE_INDEX,
     check_chunk_size,
+    check_floating,
     check_k,
     check_labels,
     check_linear,
@@ -43,25 +44,18 @@ from kdcompose.functional._checks import (
     empty_zero,
 )
 from kdcompose.functional.divergences import Divergence, get_divergence
-from kdcompose.functional.engine import (
-    RENORM_ROWS,
-    WORK_ROWS,
+from kdcompose.functional.engine import RENORM_ROWS, WORK_ROWS, Job, auto_chunk, execute, work_rows
+from kdcompose.functional.grads import LinearGrad, LogitsGrad
+from kdcompose.functional.sources import (
     FullTeacher,
-    Job,
-    LinearGrad,
     LinearStudent,
     LocalTopk,
-    LogitsGrad,
     LogitsStudent,
-    TokenSelection,
     TopkRows,
-    VocabParallel,
-    auto_chunk,
-    execute,
-    select_rows,
     valid_rows,
-    work_rows,
 )
+from kdcompose.functional.tokens import TokenSelection, select_rows
+from kdcompose.functional.vocab_parallel import VocabParallel
 
 DivergenceSpec = Divergence | str | Mapping[str, Any]
 
@@ -76,12 +70,6 @@ class KdResult:
     n_valid: int
     """Positions that count before token selection."""
     stats: dict[str, Tensor] = field(default_factory=dict)
-
-    def stats_out(self) -> dict[str, Tensor]:
-        out = dict(self.stats)
-        if self.count != self.n_valid or "kept_frac" in out:
-            out.setdefault("kept_frac", torch.tensor(self.count / max(1, self.n_valid)))
-        return out
 
 
 def _divergence(divergence: DivergenceSpec) -> Divergence:
@@ -406,8 +394,6 @@ def topk_result(
     name: str = "topk_divergence_loss",
     mode_check: Any = None,
 ) -> KdResult:
-    from kdcompose.functional._checks import check_floating
-
     check_floating("student_logits", student_logits)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (the vocabulary)")
