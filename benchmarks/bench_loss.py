@@ -22,22 +22,22 @@ Cases (``MODE/DIVERGENCE``; beta, alpha, mu at their defaults, temperature 1, ev
   without gradient, then the differentiable pass on half the tokens.
 * ``autograd/D`` -- the engine's autograd fallback on ``D``'s own ``value`` (``AutogradOnly``): what
   a value-only plugin divergence costs.
-* ``compiled/jsd`` -- an experiment: the JSD chunk body (both log-softmaxes, value and gradient)
-  through ``torch.compile``, in the engine's chunk loop; compared with ``chunked/jsd`` for time and
-  for exactness (max relative difference of value and gradient).
+* ``compiled/D`` -- an experiment: the chunk body (both log-softmaxes, ``D``'s value and its gradient
+  by ``torch.func.grad``) through ``torch.compile``, in the engine's chunk loop; compared with
+  ``chunked/D`` for time and for exactness (relative difference of the value, max relative
+  difference of the gradient).
 * ``parallel/D`` -- ``divergence_loss`` with ``VocabParallel`` on 2 gloo ranks (two processes on
   this machine), each holding half the vocabulary: per-rank extra peak, max over ranks.
 
 Ratios: ``chunked/jsd`` against ``floor``; ``fused/jsd`` and ``topk/jsd`` against ``chunked/jsd``;
-every other divergence against JSD in the same mode;
-``autograd`` and ``parallel`` against ``chunked`` of the same divergence; ``compiled`` against
-``chunked/jsd``. Every case runs in a fresh process (see ``_memory.py`` for why and how memory is
-measured). "Extra peak" is the peak minus the memory held after the inputs were built, so it
-includes the gradients the call produces (the logits' ``.grad``, 1 logits tensor; the hidden-state
-and LM-head weight gradients for ``fused``, whose last column subtracts the ``[V, H]`` weight
-gradient any training step produces). Time: minimum over the runs (the least disturbed by other
-processes on a shared machine). Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is
-set (see ``_worker_env``).
+every other divergence against JSD in the same mode; ``autograd``, ``tokens``, ``compiled`` and
+``parallel`` against ``chunked`` of the same divergence. Every case runs in a fresh process (see
+``_memory.py`` for why and how memory is measured). "Extra peak" is the peak minus the memory held
+after the inputs were built, so it includes the gradients the call produces (the logits'
+``.grad``, 1 logits tensor; the hidden-state and LM-head weight gradients for ``fused``, whose last
+column subtracts the ``[V, H]`` weight gradient any training step produces). Time: minimum over the
+runs (the least disturbed by other processes on a shared machine). Workers run with
+``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see ``_worker_env``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def default_cases() -> list[str]:
     cases = ["floor", "floor/whole"]
     for mode in MODES:
         cases += [f"{mode}/{name}" for name in DIVERGENCES]
-    cases += ["tokens/jsd", "autograd/jsd", "autograd/akl", "compiled/jsd", "parallel/jsd", "parallel/akl"]
+    cases += ["tokens/jsd", "autograd/jsd", "autograd/akl", "compiled/jsd", "compiled/ab"]
+    cases += ["parallel/jsd", "parallel/akl"]
     return cases
 
 
@@ -191,7 +192,7 @@ def _build(
             {},
         )
     if mode == "compiled":
-        return _compiled_step(s_logits, t_logits, chunk)
+        return _compiled_step(s_logits, t_logits, name, chunk)
     return lambda: divergence_loss(s_logits, t_logits, divergence=div, chunk_size=chunk).backward(), grads, {}
 
 
@@ -221,41 +222,43 @@ def _floor_step(s_logits: torch.Tensor, t_logits: torch.Tensor, chunk: int | Non
     return step
 
 
-def _jsd_body(u: torch.Tensor, v: torch.Tensor, beta: float, coef: float):
-    """The JSD chunk body as one pure function (what torch.compile sees)."""
-    ls, lt = torch.log_softmax(u.float(), -1), torch.log_softmax(v.float(), -1)
-    s, t = ls.exp(), lt.exp()
-    lm = torch.lerp(s, t, beta).clamp_min(torch.finfo(torch.float32).tiny).log()
-    kl_t = (t * (lt - lm)).sum(-1)
-    diff = ls - lm
-    kl_s = (s * diff).sum(-1)
-    grad = s * (diff - kl_s.unsqueeze(-1)) * (coef * (1.0 - beta))
-    return beta * kl_t + (1.0 - beta) * kl_s, grad
-
-
-def _compiled_step(s_logits: torch.Tensor, t_logits: torch.Tensor, chunk: int | None):
-    """``torch.compile`` on the chunk body inside the engine's loop; checks exactness first."""
+def _compiled_step(s_logits: torch.Tensor, t_logits: torch.Tensor, name: str, chunk: int | None):
+    """The chunk body -- both log-softmaxes, the divergence's ``value`` and its gradient by
+    ``torch.func.grad`` -- through ``torch.compile`` (dynamic chunk length), in the engine's chunk
+    loop with a fresh gradient tensor per step as the engine; checks exactness against the engine."""
     from kdcompose.functional import divergence_loss
+    from kdcompose.functional.divergences import ChunkOps
 
     n, vocab = s_logits.shape
+    div = _divergence(name)
     rows = _engine_chunk(vocab, s_logits.dtype, str(s_logits.device), chunk)
-    body = torch.compile(_jsd_body, dynamic=False)
-    grad = torch.empty_like(s_logits)
+    ops = ChunkOps()
 
-    def run() -> torch.Tensor:
+    def body(u: torch.Tensor, v: torch.Tensor, coef: float):
+        lt = torch.log_softmax(v.float(), -1)
+
+        def per_row(uu: torch.Tensor):
+            value = div.value(torch.log_softmax(uu, -1), lt, ops)
+            return value.sum(), value
+
+        grad, value = torch.func.grad(per_row, has_aux=True)(u.float())
+        return value, grad * coef
+
+    compiled = torch.compile(body, dynamic=True)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        grad = torch.empty_like(s_logits)
         total = s_logits.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             for start in range(0, n, rows):
                 end = min(start + rows, n)
-                per_row, g = body(s_logits[start:end], t_logits[start:end], 0.5, 1.0 / n)
+                value, g = compiled(s_logits[start:end], t_logits[start:end], 1.0 / n)
                 grad[start:end] = g
-                total += per_row.sum()
-        return total / n
+                total += value.sum()
+        return total / n, grad
 
-    value = run()  # compiles (both chunk shapes) outside the timing
-    engine_value = divergence_loss(
-        s_logits, t_logits, divergence={"kind": "jsd", "beta": 0.5}, chunk_size=rows
-    )
+    value, grad = run()  # compiles outside the timing
+    engine_value = divergence_loss(s_logits, t_logits, divergence=div, chunk_size=rows)
     engine_value.backward()
     ref = s_logits.grad
     exact = {
@@ -263,6 +266,7 @@ def _compiled_step(s_logits: torch.Tensor, t_logits: torch.Tensor, chunk: int | 
         "grad_max_rel_diff": ((grad - ref).abs().max() / ref.abs().max()).item(),
     }
     s_logits.grad = None
+    del grad, ref
     return run, [], exact
 
 
@@ -423,7 +427,7 @@ def _reference_case(case: str) -> str | None:
     if case in ("ms-swift", "baseline/chunked"):
         return "textbook"
     if mode == "compiled":
-        return "chunked/jsd"
+        return f"chunked/{name}"
     return None
 
 
