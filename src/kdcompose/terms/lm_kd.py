@@ -193,7 +193,7 @@ class LmKdTerm(LossTerm):
     """A divergence per labelled token between the student's and the teacher's LM-head
     distributions (after temperature), averaged over those tokens (or the kept ones)."""
 
-    spec_class: type[TermSpec] = LmKdSpec
+    spec_class = LmKdSpec
     default_metric = "lm_kd_loss"
     spec: Any
 

@@ -56,6 +56,10 @@ class AlphaBeta(Divergence):
     params: AbParams
     scratch_buffers = 2
     short_names: ClassVar[dict[str, str]] = {"alpha": "a", "beta": "b"}
+    zero_mass_reason = (
+        "it is not additive over merged tokens (powers of the probabilities), so the student's mass outside "
+        "the top-K cannot stand as one bucket"
+    )
 
     def value(self, ls: Tensor, lt: Tensor, ops: ChunkOps) -> Tensor:
         a, b = self.params.alpha, self.params.beta

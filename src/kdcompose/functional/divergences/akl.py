@@ -94,6 +94,9 @@ class AdaptiveKL(Divergence):
     Params = AklParams
     params: AklParams
     scratch_buffers = 2
+    zero_mass_reason = (
+        "its reverse-KL part KL(p_s || p_t) is infinite where the truncated teacher has no mass"
+    )
 
     def value(self, ls: Tensor, lt: Tensor, ops: ChunkOps) -> Tensor:
         with torch.no_grad():

@@ -147,6 +147,11 @@ class Divergence:
     """``[rows, V]`` work buffers :meth:`value_and_grad` needs besides ``ls`` and ``lt``."""
     short_names: ClassVar[dict[str, str]] = {}
     """How parameters appear in the printed formula (``{"alpha": "a"}`` -> ``skew_rkl a=0.1``)."""
+    zero_mass_reason: ClassVar[str] = (
+        "it does not declare teacher_zeros_ok() (finite against a teacher with zeros, and exact with "
+        "the tokens outside the top-K merged into one bucket)"
+    )
+    """Why ``missing_mass: zero`` is refused when :meth:`teacher_zeros_ok` is False."""
 
     def __init__(self, params: DivergenceParams | None = None, **kwargs: Any) -> None:
         if params is not None and kwargs:
@@ -200,8 +205,8 @@ class Divergence:
             return None
         return (
             f"missing_mass: zero compares a teacher truncated to its top-K (zero mass elsewhere) with the "
-            f"student's full distribution; {self.describe()} is infinite or not defined by one bucket "
-            "there. Use missing_mass: renorm or tail, or a divergence that allows it (fkl, skew_fkl, tvd)"
+            f"student's full distribution, which {self.describe()} cannot: {self.zero_mass_reason}. Use "
+            "missing_mass: renorm or tail, or a divergence that allows it (fkl, skew_fkl, tvd)"
         )
 
     # ------------------------------------------------------------------ naming

@@ -57,6 +57,7 @@ class ReverseKL(Divergence):
     """KL(p_s || p_t) = sum p_s (log p_s - log p_t)."""
 
     scratch_buffers = 1
+    zero_mass_reason = "KL(p_s || p_t) is infinite where the truncated teacher has no mass"
 
     def value(self, ls: Tensor, lt: Tensor, ops: ChunkOps) -> Tensor:
         return ops.rowsum(ls.exp() * (ls - lt))

@@ -104,6 +104,8 @@ class SkewReverseKL(Divergence):
             ops.write_centered_grad(h, sh, s)
         return per_row
 
+    zero_mass_reason = "at alpha 0 it is KL(p_s || p_t), infinite where the truncated teacher has no mass"
+
     def teacher_zeros_ok(self) -> bool:
         # Where p_t = 0, m = alpha p_s: the term is p_s log(1 / alpha), finite only for alpha > 0.
         return self.params.alpha > 0.0
