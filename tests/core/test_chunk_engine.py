@@ -102,16 +102,25 @@ def test_token_selection_keeps_the_ranked_fraction_and_averages_over_it(by, keep
 def test_rows_not_kept_get_no_gradient_storage(monkeypatch):
     """The differentiable pass runs on the kept rows only: its stored gradient has n_kept rows."""
     shapes = []
-    original = LogitsGrad.__init__
 
-    def spy(self, student, index, n, dtype, k):
-        original(self, student, index, n, dtype, k)
-        shapes.append(tuple(self.storage.shape))
+    original_finish = LogitsGrad.finish_forward
 
-    monkeypatch.setattr(LogitsGrad, "__init__", spy)
+    def spy(self, parallel):
+        shapes.append(self.stored_rows)
+        original_finish(self, parallel)
+
+    monkeypatch.setattr(LogitsGrad, "finish_forward", spy)
     student = torch.randn(40, 16, requires_grad=True)
-    divergence_loss(student, torch.randn(40, 16), divergence="rkl", tokens=TokenSelection("divergence", 0.25))
-    assert shapes == [(10, 16)]
+    value = divergence_loss(
+        student,
+        torch.randn(40, 16),
+        divergence="rkl",
+        tokens=TokenSelection("divergence", 0.25),
+        chunk_size=3,
+    )
+    assert shapes == [10]
+    value.backward()
+    assert int((student.grad.abs().sum(-1) > 0).sum()) == 10
 
 
 def test_token_selection_in_fused_and_topk_modes_matches_logits_mode():

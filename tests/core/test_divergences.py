@@ -396,7 +396,9 @@ def test_akl_finds_a_head_larger_than_its_first_topk():
     gen = torch.Generator().manual_seed(12)
     student, teacher = torch.randn(3, 300, generator=gen), torch.randn(3, 300, generator=gen) * 0.1
     params = {"mu": 0.5}
-    value, (grad,) = grad_of(lambda s: divergence_loss(s, teacher, divergence={"kind": "akl", **params}), student)
+    value, (grad,) = grad_of(
+        lambda s: divergence_loss(s, teacher, divergence={"kind": "akl", **params}), student
+    )
     ref, (ref_grad,) = grad_of(lambda s: oracle_logits("akl", params, s, teacher, None, 1.0), student)
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
     assert_grads_close(grad, ref_grad, rel=1e-4)

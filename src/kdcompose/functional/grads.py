@@ -26,10 +26,19 @@ def _scale_by(grad: Tensor, grad_output: Tensor) -> Tensor:
 
 
 class LogitsGrad:
-    """The gradient w.r.t. the selected rows of the student's logits, stored during forward.
+    """The gradient w.r.t. the selected rows of the student's logits, computed during forward.
 
-    Full rows: one ``[n, V]`` tensor in the logits' dtype (written by the divergence directly).
-    ``renorm``: ``[n, K]`` at the teacher's ids, scattered into the logits' shape in backward.
+    Every row selected (no ignored label, no token selection): one ``[n, V]`` tensor in the logits'
+    dtype, written by the divergence and handed to autograd as the logits' gradient.
+
+    Some rows selected, on a CPU: the logits-shaped gradient is allocated in forward *uninitialised*
+    (its pages cost no memory until written), each chunk's rows are copied in from one reused
+    ``[chunk, V]`` buffer, and backward only zeroes the other rows: the resident memory grows with
+    the selected rows in forward and reaches one logits tensor in backward, never more (a separate
+    ``[n, V]`` store next to a zero-filled gradient peaks at ``1 + n / rows`` logits tensors).
+    On an accelerator, where an allocation costs its size at once, the rows are stored as
+    ``[n, V]`` and scattered into a zero-filled gradient in backward (the logits themselves are
+    usually freed by then). ``renorm``: ``[n, K]`` at the teacher's ids, scattered in backward.
     """
 
     def __init__(
@@ -37,32 +46,63 @@ class LogitsGrad:
     ):
         logits = student.logits
         self.shape, self.index, self.logits_dtype = logits.shape, index, logits.dtype
-        self.k = k
-        if k is None:
-            self.storage = logits.new_empty((n, logits.shape[-1]))
-            self.ids = None
-        else:
+        self.storage: Tensor | None = None  # [n, V] or [n, K]
+        self.full: Tensor | None = None  # the logits-shaped gradient, filled row by row (CPU)
+        self.buffer: Tensor | None = None
+        self.ids: Tensor | None = None
+        self.written = 0
+        vocab = logits.shape[-1]
+        if k is not None:
             self.storage = logits.new_empty((n, k), dtype=dtype)
             self.ids = torch.empty((n, k), dtype=torch.int64, device=logits.device)
+        elif index is not None and logits.device.type == "cpu":
+            self.full = torch.empty(self.shape, dtype=logits.dtype, device=logits.device)
+        else:
+            self.storage = logits.new_empty((n, vocab))
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows of gradient written during forward (the kept rows; none of the dropped ones)."""
+        return (
+            self.written if self.full is not None else (0 if self.storage is None else self.storage.shape[0])
+        )
 
     def out_for(self, chunk: StudentChunk, work_a: Tensor) -> Tensor:
-        return self.storage[chunk.start : chunk.end]
+        if self.full is None:
+            assert self.storage is not None
+            return self.storage[chunk.start : chunk.end]
+        rows = chunk.end - chunk.start
+        if self.buffer is None or self.buffer.shape[0] < rows:
+            self.buffer = self.full.new_empty((rows, self.shape[-1]))
+        return self.buffer[:rows]
 
     def add_full(self, chunk: StudentChunk, dz: Tensor) -> None:
-        pass  # written in place by the divergence
+        if self.full is not None:  # the chunk's rows into their places in the logits' gradient
+            assert self.index is not None
+            self.full.view(-1, self.shape[-1]).index_copy_(0, self.index[chunk.start : chunk.end], dz)
+            self.written += chunk.end - chunk.start
 
     def add_ids(self, chunk: StudentChunk, ids: Tensor, dzk: Tensor) -> None:
-        assert self.ids is not None
+        assert self.ids is not None and self.storage is not None
         self.storage[chunk.start : chunk.end] = dzk
         self.ids[chunk.start : chunk.end] = ids
 
     def finish_forward(self, parallel: VocabParallel | None) -> None:
-        pass
+        self.buffer = None
 
     def backward(self, grad_output: Tensor) -> tuple[Tensor]:
-        grad = _scale_by(self.storage, grad_output)
-        self.storage = None  # type: ignore[assignment]  # hand it over: autograd adopts it in place
         shape, index, vocab = self.shape, self.index, self.shape[-1]
+        if self.full is not None:
+            assert index is not None
+            full, self.full = self.full, None
+            flat = full.view(-1, vocab)
+            dropped = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+            dropped[index] = False
+            flat[dropped] = 0
+            return (_scale_by(full, grad_output),)
+        assert self.storage is not None
+        grad = _scale_by(self.storage, grad_output)
+        self.storage = None  # hand it over: autograd adopts it in place
         if self.ids is not None:
             full = torch.zeros(shape, dtype=self.logits_dtype, device=grad.device)
             rows = index if index is not None else torch.arange(grad.shape[0], device=grad.device)
