@@ -88,6 +88,7 @@ def apply_divergence(
     coef: float,
     grad_scratch: Tensor | None = None,
     parallel: VocabParallel | None = None,
+    state: dict | None = None,
 ) -> Tensor:
     """Per-row value of ``divergence`` and, when ``grad_out`` is given, ``coef * d value / d u`` in it.
 
@@ -95,7 +96,7 @@ def apply_divergence(
     this chunk only (``ls``, ``lt`` untouched then; ``scratch[0]`` is used).
     """
     group = group_of(parallel)
-    ops = ChunkOps(group, scratch, grad_out, coef, grad_scratch if grad_out is not None else None)
+    ops = ChunkOps(group, scratch, grad_out, coef, grad_scratch if grad_out is not None else None, state)
     if divergence.has_closed_form:
         return divergence.value_and_grad(ls, lt, ops)
     return _autograd_chunk(divergence, ls, lt, ops, 1 if parallel is None else parallel.world_size)
@@ -105,7 +106,7 @@ def _autograd_chunk(divergence: Divergence, ls: Tensor, lt: Tensor, ops: ChunkOp
     want = ops.grad_out is not None
     with torch.enable_grad() if want else torch.no_grad():
         leaf = ls.detach().requires_grad_(want)
-        value = divergence.value(leaf, lt, ChunkOps(ops.group))
+        value = divergence.value(leaf, lt, ChunkOps(ops.group, state=ops.state))
         if not isinstance(value, Tensor) or value.shape != ls.shape[:-1]:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
@@ -127,7 +128,7 @@ def _autograd_chunk(divergence: Divergence, ls: Tensor, lt: Tensor, ops: ChunkOp
 
 
 def _bucket_divergence(
-    divergence: Divergence, ls: Tensor, lt: Tensor, coef: float, want_grad: bool
+    divergence: Divergence, ls: Tensor, lt: Tensor, coef: float, want_grad: bool, state: dict
 ) -> tuple[Tensor, Tensor | None]:
     """A divergence over ``[c, B]`` bucket log-probabilities (absent entries hold ``LOG_ZERO``).
 
@@ -135,7 +136,7 @@ def _bucket_divergence(
     """
     scratch = [torch.empty_like(ls) for _ in range(max(1, divergence.scratch_buffers))]
     grad = torch.empty_like(ls) if want_grad else None
-    per_row = apply_divergence(divergence, ls, lt, scratch, grad, coef, grad)
+    per_row = apply_divergence(divergence, ls, lt, scratch, grad, coef, grad, None, state)
     return per_row, grad
 
 
@@ -209,6 +210,7 @@ def run(
     total = like.new_zeros((), dtype=job.dtype)
     group = group_of(job.parallel)
     divergence, temperature, coef = job.divergence, job.temperature, job.coef
+    state: dict = {}  # what the divergence carries from one chunk to the next
 
     if job.mode == "full":
         assert isinstance(teacher, FullTeacher)
@@ -230,7 +232,9 @@ def run(
                 if grad_out is not None and grad_out.dtype == job.dtype and grad_out is not a
                 else None
             )
-            per_row = apply_divergence(divergence, ls, lt, scratch, grad_out, coef, spare, job.parallel)
+            per_row = apply_divergence(
+                divergence, ls, lt, scratch, grad_out, coef, spare, job.parallel, state
+            )
             total += per_row.sum()
             if grad_out is not None and sink is not None:
                 sink.add_full(chunk, grad_out)
@@ -262,7 +266,7 @@ def run(
                 assert scores is not None
                 scores[start:end] = kernel(ls, lt, [torch.empty_like(ls)])
                 continue
-            per_row, dzk = _bucket_divergence(divergence, ls, lt, coef, want_grad)
+            per_row, dzk = _bucket_divergence(divergence, ls, lt, coef, want_grad, state)
             total += per_row.sum()
             if dzk is not None and sink is not None:
                 sink.add_ids(chunk, ids, torch.where(present, dzk, torch.zeros_like(dzk)))
@@ -291,7 +295,7 @@ def run(
             assert scores is not None
             scores[start:end] = kernel(ls_b, lt_b, [torch.empty_like(ls_b)])
             continue
-        per_row, a = _bucket_divergence(divergence, ls_b, lt_b, coef, want_grad)
+        per_row, a = _bucket_divergence(divergence, ls_b, lt_b, coef, want_grad, state)
         total += per_row.sum()
         if a is None or sink is None:
             continue

@@ -68,10 +68,12 @@ def _entropy_kernel(side: Literal["student", "teacher"], group: Any) -> Callable
 
 
 def _divergence_kernel(job: Job) -> Callable[..., Tensor]:
+    state: dict = {}
+
     def kernel(ls: Tensor, lt: Tensor, scratch: Sequence[Tensor]) -> Tensor:
         need = max(1, job.divergence.scratch_buffers)
         extra = list(scratch) + [torch.empty_like(ls) for _ in range(need - len(scratch))]
-        return apply_divergence(job.divergence, ls, lt, extra, None, 1.0, None, job.parallel)
+        return apply_divergence(job.divergence, ls, lt, extra, None, 1.0, None, job.parallel, state)
 
     return kernel
 

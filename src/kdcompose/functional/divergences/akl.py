@@ -47,8 +47,9 @@ def head_candidates(lt: Tensor, mu: float, ops: ChunkOps) -> tuple[Tensor, Tenso
     same decisions (they depend only on gathered values), so the collectives stay in lockstep.
     """
     width = lt.shape[-1]
-    widest = _widest_slice(width, ops)
-    k = min(_FIRST_K, widest)
+    widest = ops.state.get("akl_widest") or _widest_slice(width, ops)
+    ops.state["akl_widest"] = widest
+    k = min(ops.state.get("akl_k", _FIRST_K), widest)  # start where the previous chunk ended
     while True:
         values, ids = torch.topk(lt.detach(), min(k, width), dim=-1)
         union = values
@@ -64,6 +65,9 @@ def head_candidates(lt: Tensor, mu: float, ops: ChunkOps) -> tuple[Tensor, Tenso
         if complete or bool((n_head < candidates.shape[-1]).all()):
             break
         k = min(4 * k, widest)
+    # the next chunk starts at this width, or a quarter of it when the heads were much smaller
+    shrink = k > _FIRST_K and int(n_head.max()) * 8 < k
+    ops.state["akl_k"] = k // 4 if shrink else k
     if ops.group is None:  # the first n_head of the sorted top-k, as the reference's sort
         return ids, torch.arange(values.shape[-1], device=values.device) < n_head.unsqueeze(-1)
     threshold = candidates.gather(-1, (n_head - 1).unsqueeze(-1))

@@ -52,7 +52,8 @@ class ChunkOps:
     in the compute dtype), ``grad_out`` (where ``coef * d value / d logits`` goes, or None when no
     gradient is wanted; it may share memory with ``ls``, so write it last) and ``grad_scratch``
     (``grad_out`` when it is a separate buffer of the compute dtype that may serve as one more
-    scratch buffer before the final write; None otherwise).
+    scratch buffer before the final write; None otherwise). ``state`` is a dict kept across the
+    chunks of one call.
     """
 
     def __init__(
@@ -62,12 +63,16 @@ class ChunkOps:
         grad_out: Tensor | None = None,
         coef: float = 1.0,
         grad_scratch: Tensor | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         self.group = group
         self.scratch = list(scratch)
         self.grad_out = grad_out
         self.coef = coef
         self.grad_scratch = grad_scratch
+        self.state = {} if state is None else state
+        """Kept across the chunks of one call: what a divergence learns on one chunk and reuses on
+        the next (e.g. AKL's top-k width). Must evolve the same on every rank of a group."""
 
     @property
     def parallel(self) -> bool:
