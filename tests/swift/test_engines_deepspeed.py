@@ -11,7 +11,8 @@ Real DeepSpeed, real ms-swift, the tiny Qwen2-VL pair, three optimizer steps eac
 - runs: ZeRO-3 one process == no DeepSpeed one process, and ZeRO-2 / ZeRO-3 on
   NPROC_PER_NODE=2 == DDP (`use_cpu`, gloo) on two: per-step loss and per-term metrics within 1e-4.
   Composition: fused lm_jsd (the loss runs as the LM head's forward, so ZeRO-3 gathers the head
-  for it), a fused top-8 lm_jsd, ce, visual_kd on the aligner and hidden_kd on a decoder layer,
+  for it), a fused top-8 lm_jsd, a fused lm_kd (skew_rkl), ce, visual_kd on the aligner and
+  hidden_kd on a decoder layer,
   both through trainable linear projectors (part of the student: optimized, and sharded under
   ZeRO-3), and a term that goes NaN at step 1 with `on_nonfinite: skip_step`: every run skips
   that update the same way (weights and optimizer state kept, LR schedule advanced).
@@ -42,6 +43,7 @@ LAYER_S, LAYER_T = "model.language_model.layers.1", "model.language_model.layers
 LOSS_TERMS = {
     "lm_jsd": {"fused": True},
     "lm_topk": {"type": "lm_jsd", "weight": 0.2, "topk": 8, "fused": True},
+    "kd_skew": {"type": "lm_kd", "divergence": "skew_rkl", "weight": 0.2, "fused": True},
     "ce": {"weight": 0.3},
     "visual_kd": {"weight": 0.5, "aligner": {"distance": "mse", "projector": "linear"}},
     "hidden_kd": {"weight": 0.5, "pairs": [{"student": LAYER_S, "teacher": LAYER_T, "projector": "linear"}]},
@@ -49,7 +51,7 @@ LOSS_TERMS = {
     # check cannot see it and only kdcompose's verdict (taken before the engine steps) skips it.
     "nan": {"type": "nan_probe", "kind": "nan_value", "at_steps": [SKIPPED], "on_nonfinite": "skip_step"},
 }
-KEYS = ("loss", "llm_kd_loss", "lm_topk_loss", "sft_loss", "vision_kd_loss", "hidden_kd_loss")
+KEYS = ("loss", "llm_kd_loss", "lm_topk_loss", "kd_skew_loss", "sft_loss", "vision_kd_loss", "hidden_kd_loss")
 PROBE_PLUGIN = str(Path(__file__).parents[1] / "support" / "nan_probe_plugin.py")
 
 
