@@ -8,8 +8,6 @@ same term computing on logits, and the tap runs on a small torch module.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -59,20 +57,22 @@ def test_fused_on_a_second_instance_has_its_own_path():
     assert error.paths == ("rlhf.loss_terms.rkl.fused",), str(error)
 
 
-def test_validate_json_and_schema_show_the_field(tmp_path):
+def test_validate_json_and_schema_show_the_field(tmp_path, capsys):
+    from kdcompose.cli import main
+    from kdcompose.testing import build_tiny_pair
+
+    teacher, _ = build_tiny_pair("qwen2_vl")
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        "rlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n    lm_jsd: {fused: true}\n",
+        f"rlhf:\n  teacher_model: {teacher}\n  teacher_model_type: qwen2_vl\n"
+        "  loss_terms:\n    lm_jsd: {fused: true}\n",
         encoding="utf-8",
     )
-    run = [sys.executable, "-m", "kdcompose.cli"]
-    out = subprocess.run(
-        [*run, "validate", str(config), "--json"], capture_output=True, text=True, check=True
-    )
-    row = next(r for r in json.loads(out.stdout)["terms"] if r["name"] == "lm_jsd")
+    assert main(["validate", str(config), "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out)["terms"] if r["name"] == "lm_jsd")
     assert row["spec"]["fused"] is True and row["needs_teacher"] is True
-    schema = subprocess.run([*run, "schema"], capture_output=True, text=True, check=True).stdout
-    assert '"fused"' in schema
+    assert main(["schema"]) == 0
+    assert '"fused"' in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------- the term on a hand-made context
