@@ -78,9 +78,9 @@ def _config(out: Path, teacher_spec: dict[str, int] | None) -> dict[str, Any]:
 
 def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
     """Point the trainer's default teacher at `variant` (outside the timed region)."""
+    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
 
-    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR
     from kdcompose.teachers.server_client import VLLMFreeInferClient
     from kdcompose.teachers.sources import TeacherSource
 

@@ -2,8 +2,9 @@
 
 No trainer framework: the models are loaded with transformers, batches are encoded with the
 model's own processor, and the loop is five lines. The objective is the same YAML composition
-`kdcompose train` would train -- here LM-head JSD, cross-entropy, and feature KD of a decoder
-layer through a trainable projector (the student is 64 wide, the teacher 96):
+`kdcompose train` would train -- here LM-head JSD, cross-entropy, feature KD of a decoder layer
+through a trainable projector (the student is 64 wide, the teacher 96), and a user's own term
+loaded from a file (`relation_kd_term.py`, relational KD between decoder layers):
 
     python examples/plain_pytorch_loop.py            # 30 steps on CPU, under a minute
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from kdcompose.compat import ensure_torchvision_importable
 from kdcompose.testing import build_caption_dataset, build_tiny_pair, load_rows, tiny_run_env
 
 KD_CONFIG = {
+    "plugins": [str(Path(__file__).with_name("relation_kd_term.py"))],  # a user's term, tapping layers
     "rlhf": {
         "loss_terms": {
             "lm_jsd": {"weight": 1.0, "beta": 0.5, "temperature": 1.0},
@@ -38,8 +41,13 @@ KD_CONFIG = {
                     }
                 ],
             },
+            "relation_kd": {
+                "weight": 0.2,
+                "student_layer": "model.language_model.layers.1",
+                "teacher_layer": "model.language_model.layers.2",
+            },
         }
-    }
+    },
 }
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 ANSWER = "<|im_start|>assistant\n{caption}<|im_end|>"

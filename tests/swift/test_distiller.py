@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from swift_support import composed, fresh, metric_values, prepared_inputs, shared_trainer
 
 from kdcompose import ConfigError, Distiller, NonFiniteLossError, parse_config
 from kdcompose.training.projectors import PROJECTOR_ATTR
-from swift_support import composed, fresh, metric_values, prepared_inputs, shared_trainer
 
 pytestmark = [
     pytest.mark.swift,
@@ -187,5 +187,5 @@ def test_the_plain_pytorch_example_trains(tmp_path):
     spec.loader.exec_module(example)
     history = example.main(steps=3)
     assert len(history) == 3
-    assert {"llm_kd_loss", "sft_loss", "hidden_kd_loss"} <= set(history[0])
+    assert {"llm_kd_loss", "sft_loss", "hidden_kd_loss", "relation_kd_loss"} <= set(history[0])
     assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in history)
