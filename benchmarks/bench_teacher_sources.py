@@ -78,7 +78,6 @@ def _config(out: Path, teacher_spec: dict[str, int] | None) -> dict[str, Any]:
 
 def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
     """Point the trainer's default teacher at `variant` (outside the timed region)."""
-    from kdcompose.integrations.swift.launch.spec import TEACHERS_ATTR
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
 
     from kdcompose.teachers.server_client import VLLMFreeInferClient
@@ -86,14 +85,13 @@ def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
 
     teachers = {}
     if variant == "cache":
-        teachers = {"": TeacherSource("", "cache", str(cache_dir), "rlhf.teacher_cache").to_dict()}
-    setattr(trainer.args, TEACHERS_ATTR, teachers)
+        teachers = {"": TeacherSource("", "cache", str(cache_dir), "rlhf.teacher_cache")}
     served = variant == "served"
     trainer.use_teacher_api = served
     trainer.teacher_model_server = url if served else None
     trainer.teacher_configs = parse_teacher_model_server(url) if served else []
     trainer.teacher_clients = [VLLMFreeInferClient(base_urls=[url])] if served else []
-    trainer.use_composer(trainer.kd_composer)
+    trainer.use_composer(trainer.kd_composer, teachers)
 
 
 def run(args: argparse.Namespace) -> None:
