@@ -31,7 +31,7 @@ from swift.utils import get_logger
 
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.teachers.sources import DEFAULT, TeacherSource
-from kdcompose.training.checkpoints import last_checkpoint
+from kdcompose.training.checkpoints import last_complete_checkpoint
 from kdcompose.training.metrics import is_distributed
 
 NAMED_TOPK_KEY = "kdcompose_teacher_topk"
@@ -180,8 +180,10 @@ class TeacherFetchFailure:
 
 
 def stop_message(trainer: Any, url: str, detail: str) -> str:
-    last = last_checkpoint(trainer.args.output_dir)
-    where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+    last = last_complete_checkpoint(trainer.args.output_dir)
+    where = (
+        f"`kdcompose train CONFIG --resume` continues from {last}" if last else "no checkpoint was saved yet"
+    )
     return (
         f"the teacher server {url} failed at global step {trainer.state.global_step} {detail}; every rank "
         f"stopped; {where}"

@@ -27,6 +27,7 @@ runs the real `swift rlhf` command.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,6 +142,17 @@ def unknown_flag_issues(remaining: Sequence[str]) -> list[ConfigIssue]:
     return issues
 
 
+def _resume_point(arguments: Any) -> None:
+    """Where the run starts (`launch.resume_point`); a finished run exits here, with nothing to train."""
+    from kdcompose.integrations.swift.launch.resume_point import apply_to_arguments
+
+    start = apply_to_arguments(arguments)
+    if start.message and os.environ.get("RANK", "0") == "0":
+        print(f"kdcompose: {start.message}", flush=True)
+    if start.finished:
+        raise SystemExit(0)
+
+
 def activate_plugin() -> Composition | None:
     """Everything the plugin file does; returns the composition it handed to the trainer (None:
     none given)."""
@@ -166,6 +178,7 @@ def activate_plugin() -> Composition | None:
     composition = resolve_from_flags(own, parse.arguments, explicit_flags(parse.argv))
     composer = build_composer(composition)
     check_arguments(composer, parse.arguments)  # before ms-swift loads any model
+    _resume_point(parse.arguments)  # KDCOMPOSE_RESUME=1; an incomplete checkpoint is refused
     if not own:
         return None  # the trainer composes ms-swift's stock loss from its own arguments
     KDComposeGKDTrainer.expect(RunComposition(composer, {}, "the kdcompose ms-swift plugin"))
