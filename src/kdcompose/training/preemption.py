@@ -14,7 +14,10 @@ What else can happen:
 
 * A second SIGTERM (at least `REPEAT_AFTER_S` after the first) exits at once with 143, as without
   kdcompose. Signals that arrive together count once: a scheduler may signal every process of a
-  job while torchrun also forwards the signal to its workers.
+  job while torchrun also forwards the signal to its workers. Under `kdcompose train`'s own
+  torchrun launcher the workers never treat a repeat as the second signal (a forwarded copy may
+  arrive late on a loaded machine); the launcher does, and ends every worker at once
+  (`integrations.swift.launch.launcher`).
 * The grace period (`KDCOMPOSE_SIGTERM_GRACE_S`, default `DEFAULT_GRACE_S`) runs out before the
   checkpoint is complete (a very slow save, a rank that hangs): exit at once with 143 (75 if the
   checkpoint was complete by then). Set it a little below the time your scheduler waits between
@@ -57,7 +60,8 @@ DEFAULT_GRACE_S = 300.0
 SAVE_ON_SIGINT_ENV = "KDCOMPOSE_SAVE_ON_SIGINT"
 REPORT_ENV = "KDCOMPOSE_STOP_REPORT"
 """Set by `kdcompose train`'s torchrun launcher: the file where rank 0 reports a stop-signal save,
-so the launcher can exit with `EXIT_PREEMPTED` (torchrun itself does not pass worker statuses on)."""
+so the launcher can exit with `EXIT_PREEMPTED` (torchrun itself does not pass worker statuses on).
+Its presence also tells a worker that the launcher handles a repeated signal."""
 REPEAT_AFTER_S = 2.0
 """A repeated signal counts as "the second one" only this long after the first."""
 
@@ -130,12 +134,15 @@ class StopSignals:
         signals: tuple[signal.Signals, ...] | None = None,
         grace_s: float | None = None,
         *,
+        escalate: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         exit_now: Callable[[int], None] = os._exit,
         interrupt_main: Callable[[], None] = _thread.interrupt_main,
     ) -> None:
         self.signals = tuple(signals) if signals is not None else handled_signals()
         self.grace_s = grace_seconds() if grace_s is None else float(grace_s)
+        self.escalate = (REPORT_ENV not in os.environ) if escalate is None else bool(escalate)
+        """Whether a repeated signal stops this process at once (not under kdcompose's launcher)."""
         self._clock, self._exit_now, self._interrupt_main = clock, exit_now, interrupt_main
         self.request: StopRequest | None = None
         self.saved_checkpoint: str | None = None
@@ -227,7 +234,7 @@ class StopSignals:
                     f"and stopping (send it again to stop at once; the grace period ends {limit})"
                 )
             return
-        if now - first.received_at < REPEAT_AFTER_S:
+        if not self.escalate or now - first.received_at < REPEAT_AFTER_S:
             return  # the same event reaching us twice (scheduler + torchrun), not a second request
         if sig == signal.SIGINT:
             _say("second Ctrl-C: interrupting without a checkpoint")

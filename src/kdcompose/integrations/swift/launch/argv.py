@@ -14,10 +14,12 @@ So when the plugin runs, kdcompose's flags (`--loss_terms`, `--llm_kd_weight`,
 stack, takes our flags out of `remaining_args` in place (so ms-swift's check passes and
 sees only real leftovers, which we report with a close-match suggestion), resolves the
 composition with the GKD knobs the user gave explicitly, checks the teacher and the
-unsupported settings before any model is loaded, parks the composition for the trainer
-and attaches it (and `llm_kd_weight`) to the arguments, which ms-swift saves in args.json.
-Where no parse is in progress (a dataloader worker replaying the plugin import, or
-`RLHFArguments(external_plugins=...)` built in Python) it only selects the trainer.
+unsupported settings and where the run starts (`resume_point`: `KDCOMPOSE_RESUME=1`, an
+incomplete `--resume_from_checkpoint` refused) before any model is loaded, parks the
+composition for the trainer and attaches it (and `llm_kd_weight`) to the arguments, which
+ms-swift saves in args.json. Where no parse is in progress (a dataloader worker replaying the
+plugin import, or `RLHFArguments(external_plugins=...)` built in Python) it only selects the
+trainer.
 
 This relies on the names of two locals in transformers' `HfArgumentParser` and ms-swift's
 plugin import order; the tested versions are pinned (`runtime.TESTED_RANGE`) and a test

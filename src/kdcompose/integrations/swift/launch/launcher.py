@@ -4,10 +4,11 @@
 `torch.distributed.run`. This module runs that launcher and stays in charge of its signals:
 
 * torchrun and its workers run in a process group of their own; SIGTERM, SIGINT and SIGHUP sent to
-  `kdcompose train` are passed on to that whole group, so every worker gets each one even where
-  torchrun would not pass a repeated signal on (a second SIGTERM must reach the workers: it means
-  "stop at once"). Workers that see the same signal twice at once count it once
-  (`training.preemption.REPEAT_AFTER_S`).
+  `kdcompose train` are passed on to that whole group (once; copies within
+  `training.preemption.REPEAT_AFTER_S` are one event). The workers save on the first SIGTERM and
+  never act on a repeat themselves (torchrun passes each signal on again, late on a loaded
+  machine); a second SIGTERM or Ctrl-C to `kdcompose train` ends every process of the group at once
+  (SIGKILL): "stop now" reaches every rank, even one blocked in a collective.
 * torchrun kills its workers 30 s after it passes a signal on (`--shutdown_timeout`); the command
   asks for the grace period plus a margin instead, so a save on SIGTERM is not cut short.
 * torchrun does not pass its workers' exit statuses on, so rank 0 reports a stop-signal save in a
@@ -51,17 +52,32 @@ def run_torchrun(command: list[str], stderr: TextIO, interrupted_message: str) -
         {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     )
     received: list[signal.Signals] = []
+    first: dict[signal.Signals, float] = {}
+    killed: list[bool] = []
     process = subprocess.Popen(command, env=env, **group)
 
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signal.Signals(signum))
+    def send(sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signum)
+            os.killpg(process.pid, sig)
+
+    def forward(signum: int, frame: Any) -> None:
+        sig, now = signal.Signals(signum), time.monotonic()
+        received.append(sig)
+        if sig not in first:
+            first[sig] = now
+            send(sig)
+        elif sig != signal.SIGHUP and now - first[sig] >= preemption.REPEAT_AFTER_S:
+            print(
+                f"kdcompose train: second {sig.name}: stopping every process at once", file=stderr, flush=True
+            )
+            killed.append(True)
+            send(signal.SIGKILL)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         code = process.wait()
-        outcome = _wait_for_save(report, grace_s) if received or report.exists() else {}
+        waited = (received or report.exists()) and not killed
+        outcome = _wait_for_save(report, grace_s, process.pid) if waited else preemption.read_report(report)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -86,15 +102,26 @@ def run_torchrun(command: list[str], stderr: TextIO, interrupted_message: str) -
     return code
 
 
-def _wait_for_save(report: Path, grace_s: float) -> dict[str, object]:
+def _wait_for_save(report: Path, grace_s: float, group: int) -> dict[str, object]:
     """The final report: torchrun may end before rank 0 does (a repeated signal ends torchrun's own
-    shutdown early), so a save still `saving` is waited for, up to the grace period."""
+    shutdown early), so a save still `saving` is waited for while any process of the group lives,
+    up to the grace period."""
     deadline = time.monotonic() + (grace_s if grace_s > 0 else SHUTDOWN_MARGIN_S)
     outcome = preemption.read_report(report)
-    while outcome.get("state") == "saving" and time.monotonic() < deadline:
+    while outcome.get("state") == "saving" and time.monotonic() < deadline and _alive(group):
         time.sleep(0.5)
         outcome = preemption.read_report(report)
-    return outcome
+    return preemption.read_report(report)
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _name(received: list[signal.Signals]) -> str:
