@@ -5,9 +5,9 @@ there when the signal is sent, whatever the machine's load; a fixed sleep cannot
 With `KDCOMPOSE_TEST_HOLD=save:K` the trainer's `_save` of step K (the first files of the
 checkpoint: weights or adapters and kdcompose's projectors; the optimizer, RNG and trainer state
 come after it) waits; with `step:K` the first micro-batch of the optimizer step after global step K
-waits. On reaching the point, each process writes `held-<rank>` into `$KDCOMPOSE_TEST_HOLD_DIR` and
-waits until a file `release` appears there (at most `MAX_HOLD_S`). Signals are handled as usual
-while it waits (the wait is a sleep loop in Python).
+waits. On reaching the point, each process writes `held-<rank>` (holding its process id) into
+`$KDCOMPOSE_TEST_HOLD_DIR` and waits until a file `release` appears there (at most `MAX_HOLD_S`).
+Signals are handled as usual while it waits (the wait is a sleep loop in Python).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _hold(trainer: KDComposeGKDTrainer, where: str) -> None:
         return  # once per point (several micro-batches per step)
     trainer._test_held = held | {(where, int(step))}
     gate = Path(folder)
-    (gate / f"held-{trainer.accelerator.process_index}").write_text(spec, encoding="utf-8")
+    held_file = gate / f"held-{trainer.accelerator.process_index}"
+    tmp = held_file.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()), encoding="utf-8")
+    tmp.replace(held_file)  # complete when it appears
     deadline = time.monotonic() + MAX_HOLD_S
     while not (gate / "release").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

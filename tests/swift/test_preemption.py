@@ -10,9 +10,11 @@ One uninterrupted reference run, then one scenario per process layout, each a se
   continues from that one and gets one SIGTERM in the middle of a step (exit 75, a complete
   checkpoint of the reached step); `--resume` trains to the end; `--resume` once more has nothing
   to do. `KDCOMPOSE_PREEMPTION_SOAK=N` adds N more random SIGKILL rounds.
-* two processes, DDP (gloo): SIGTERM to `kdcompose train` in the middle of a step; `--resume`.
-* two processes, DeepSpeed ZeRO-2: SIGTERM to every process of the job at once (what SLURM does)
-  while a scheduled checkpoint is being written; `--resume`.
+* two processes, DDP (gloo): SIGTERM to rank 1 only (a node of a multi-node job reclaimed), in the
+  middle of a step: both ranks agree to stop after that step; `--resume`.
+* two processes, DeepSpeed ZeRO-2: SIGTERM to every process of the job at once (what SLURM does:
+  `kdcompose train`, torchrun and both workers) while a scheduled checkpoint is being written;
+  `--resume`.
 
 Every row any of these processes logged must equal the reference run's row of that step: exactly in
 one process, within 1e-5 on two (the reference is one process with 2 micro-batches per step, which
@@ -152,12 +154,16 @@ class Train:
             )
             time.sleep(0.05)
 
-    def wait_held(self) -> None:
-        self.wait_until(lambda: (self.gate / "held-0").exists(), "hold point")
+    def wait_held(self, ranks: int = 1) -> None:
+        self.wait_until(lambda: all((self.gate / f"held-{r}").exists() for r in range(ranks)), "hold point")
         self.tree = [
             psutil.Process(self.process.pid),
             *psutil.Process(self.process.pid).children(recursive=True),
         ]
+
+    def signal_rank(self, rank: int, sig: int) -> None:
+        """Send `sig` to the worker process of `rank` alone."""
+        os.kill(int((self.gate / f"held-{rank}").read_text()), sig)
 
     def release(self) -> None:
         (self.gate / "release").write_text("go")
@@ -329,13 +335,20 @@ def one_process(tmp, reference) -> dict[str, Any]:
     }
 
 
-def _two_ranks(tmp: Path, name: str, hold: str, every_process: bool, **extra: Any) -> dict[str, Any]:
+def _two_ranks(tmp: Path, name: str, hold: str, target: str, **extra: Any) -> dict[str, Any]:
+    """A 2-rank run held at `hold`, SIGTERM to `target` (`rank1`: that worker alone; `job`: every
+    process), released once the signal has arrived, then `--resume` to the end."""
     config, out = _config(tmp, name, nproc=2, **extra), tmp / name
     before = _versions(out)
     train = Train(config, tmp, resume=False, nproc=2, hold=hold)
-    train.wait_held()
-    train.signal(signal.SIGTERM, every_process=every_process)
-    train.wait_until(lambda: "SIGTERM received" in train.text, "the SIGTERM's message")
+    train.wait_held(ranks=2 if target == "rank1" else 1)
+    if target == "rank1":
+        train.signal_rank(1, signal.SIGTERM)
+        arrived = "kdcompose [rank 1/2]: SIGTERM received"
+    else:
+        train.signal(signal.SIGTERM, every_process=True)
+        arrived = "kdcompose [rank 0/2]: SIGTERM received"
+    train.wait_until(lambda: arrived in train.text, "the SIGTERM's message")
     train.release()
     stopped = _segment("sigterm", train, out, before)
     before = _versions(out)
@@ -345,15 +358,18 @@ def _two_ranks(tmp: Path, name: str, hold: str, every_process: bool, **extra: An
 
 @pytest.fixture(scope="module")
 def ddp(tmp, reference) -> dict[str, Any]:
-    """SIGTERM to `kdcompose train` (it passes it on) while both ranks are at the start of step 3; no
-    scheduled checkpoint before it (`save_steps: 100`): the SIGTERM's is the only one."""
-    return _two_ranks(tmp, "ddp", "step:2", False, use_cpu=True, ddp_backend="gloo", save_steps=100)
+    """SIGTERM to rank 1 alone while both ranks are at the start of step 3; no scheduled checkpoint
+    before it (`save_steps: 100`): the SIGTERM's is the only one. A rank that stopped alone would
+    leave the other waiting in a collective: `ddp_timeout` bounds that failure."""
+    return _two_ranks(
+        tmp, "ddp", "step:2", "rank1", use_cpu=True, ddp_backend="gloo", save_steps=100, ddp_timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def zero2(tmp, reference) -> dict[str, Any]:
     """SIGTERM to every process of the job at once while checkpoint-2 is being written."""
-    return _two_ranks(tmp, "zero2", "save:2", True, deepspeed="zero2", save_steps=2)
+    return _two_ranks(tmp, "zero2", "save:2", "job", deepspeed="zero2", save_steps=2)
 
 
 # ---------------------------------------------------------------------- checks
@@ -446,8 +462,14 @@ def _assert_two_rank_stop(scenario: dict[str, Any], reference: dict, step: int) 
     checkpoint = stopped.run_dir / f"checkpoint-{step}"
     assert checkpoints.is_complete(checkpoint), checkpoints.incomplete_reason(checkpoint)
     files = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
-    assert {"rng_state_0.pth", "rng_state_1.pth", "kdcompose_projectors.safetensors"} <= set(files)
-    assert f"stopped on SIGTERM after step {step}; complete checkpoint: {checkpoint}" in stopped.text
+    assert {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+        "kdcompose_projectors.safetensors",
+        "kdcompose_state.json",
+        "trainer_state.json",
+    } <= set(files)
+    assert f"after step {step}; complete checkpoint: {checkpoint}" in stopped.text
     assert resumed.code == 0, resumed.text[-4000:]
     assert f"continuing from {checkpoint}" in resumed.text
     assert sorted(resumed.rows) == list(range(step + 1, STEPS + 1))

@@ -117,13 +117,12 @@ def handled_signals(environ: dict[str, str] | None = None) -> tuple[signal.Signa
 
 
 def _say(message: str) -> None:
-    """Write to stderr without Python's buffered streams (safe from any thread, at any moment)."""
+    """Write to stderr without Python's buffered streams (safe from any thread, at any moment),
+    naming the rank when there are several (a signal may reach only some of them)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    who = f"kdcompose [rank {os.environ.get('RANK', '0')}/{world}]" if world not in ("", "1") else "kdcompose"
     with contextlib.suppress(OSError):
-        os.write(2, f"kdcompose: {message}\n".encode())
-
-
-def _is_reporting_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+        os.write(2, f"{who}: {message}\n".encode())
 
 
 class StopSignals:
@@ -227,12 +226,11 @@ class StopSignals:
                     self._timer.daemon = True
                     self._timer.start()
         if first is None:
-            if _is_reporting_process():
-                limit = f"after {self.grace_s:g} s" if self.grace_s > 0 else "never by itself"
-                _say(
-                    f"{sig.name} received: finishing the current optimizer step, then saving a checkpoint "
-                    f"and stopping (send it again to stop at once; the grace period ends {limit})"
-                )
+            limit = f"after {self.grace_s:g} s" if self.grace_s > 0 else "never by itself"
+            _say(
+                f"{sig.name} received: finishing the current optimizer step, then saving a checkpoint "
+                f"and stopping (send it again to stop at once; the grace period ends {limit})"
+            )
             return
         if not self.escalate or now - first.received_at < REPEAT_AFTER_S:
             return  # the same event reaching us twice (scheduler + torchrun), not a second request
