@@ -506,3 +506,62 @@ def test_rotation_waits_for_the_marker(tmp_path):
         assert not (run / "checkpoint-1").exists() and (run / "checkpoint-2").is_dir()
     finally:
         rotation.release(run)
+
+
+def _parse_with_plugin(argv: list[str]) -> Any:
+    """ms-swift's own argument parsing, as `swift rlhf` runs it, with kdcompose's plugin."""
+    import sys
+
+    from swift import RLHFArguments
+    from swift.utils import parse_args
+
+    from kdcompose.integrations.swift import plugin_path
+    from kdcompose.integrations.swift.trainer import KDComposeGKDTrainer
+
+    for name in [m for m in sys.modules if m.startswith("_swift_external_")]:
+        del sys.modules[name]  # ms-swift imports a plugin file once per process
+    try:
+        args, remaining = parse_args(RLHFArguments, [*argv, "--external_plugins", str(plugin_path())])
+    finally:
+        KDComposeGKDTrainer.expect(None)
+    assert remaining == []
+    return args
+
+
+def _hand_made(run: Path, step: int, *, complete: bool) -> Path:
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"w" * 10)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": STEPS}))
+    if complete:
+        checkpoints.write_completion_marker(folder, step)
+    return folder
+
+
+def test_the_plugin_route_resumes_with_kdcompose_resume(tmp_path, monkeypatch):
+    """`KDCOMPOSE_RESUME=1 swift rlhf ... --external_plugins PLUGIN` picks the checkpoint while
+    ms-swift parses its arguments (before any model loads); an incomplete one given by path is refused."""
+    from kdcompose.errors import ConfigError
+    from kdcompose.testing import to_cli_args
+    from swift_support import swift_args
+
+    out = tmp_path / "out"
+    good = _hand_made(out / "v0-20250101-000000", 2, complete=True)
+    killed = _hand_made(out / "v0-20250101-000000", 3, complete=False)
+    argv = to_cli_args(swift_args(out, max_steps=STEPS))
+    monkeypatch.setenv("KDCOMPOSE_RESUME", "1")
+    assert _parse_with_plugin(argv).resume_from_checkpoint == str(good)
+    monkeypatch.delenv("KDCOMPOSE_RESUME")
+    with pytest.raises(ConfigError) as info:
+        _parse_with_plugin([*argv, "--resume_from_checkpoint", str(killed)])
+    (issue,) = info.value.issues
+    assert (
+        issue.path == "--resume_from_checkpoint"
+        and str(killed) in issue.message
+        and str(good) in issue.message
+    )
+    monkeypatch.setenv("KDCOMPOSE_RESUME", "1")
+    _hand_made(out / "v1-20250102-000000", STEPS, complete=True)
+    with pytest.raises(SystemExit) as done:  # the run is finished: nothing to train, exit 0
+        _parse_with_plugin(argv)
+    assert done.value.code == 0
