@@ -4,8 +4,9 @@ A test that kills a run "during a save" or "in the middle of a step" must know t
 there when the signal is sent, whatever the machine's load; a fixed sleep cannot promise that.
 With `KDCOMPOSE_TEST_HOLD=save:K` the trainer's `_save` of step K (the first files of the
 checkpoint: weights or adapters and kdcompose's projectors; the optimizer, RNG and trainer state
-come after it) waits; with `step:K` the first micro-batch of the optimizer step after global step K
-waits. On reaching the point, each process writes `held-<rank>` (holding its process id) into
+come after it) waits; with `step:K` the last micro-batch of the optimizer step after global step K
+waits (with gradient accumulation: in the middle of the step, the earlier micro-batches' gradients
+already accumulated). On reaching the point, each process writes `held-<rank>` (holding its process id) into
 `$KDCOMPOSE_TEST_HOLD_DIR` and waits until a file `release` appears there (at most `MAX_HOLD_S`).
 Signals are handled as usual while it waits (the wait is a sleep loop in Python).
 """
@@ -32,10 +33,10 @@ def _hold(trainer: KDComposeGKDTrainer, where: str) -> None:
     kind, _, step = spec.partition(":")
     if not folder or kind != where or int(step or -1) != int(trainer.state.global_step):
         return
-    held = getattr(trainer, "_test_held", set())
-    if (where, int(step)) in held:
-        return  # once per point (several micro-batches per step)
-    trainer._test_held = held | {(where, int(step))}
+    seen = getattr(trainer, "_test_seen", 0) + 1  # calls at this point (micro-batches of the step)
+    trainer._test_seen = seen
+    if where == "step" and seen != int(trainer.args.gradient_accumulation_steps or 1):
+        return  # hold at the step's last micro-batch only
     gate = Path(folder)
     held_file = gate / f"held-{trainer.accelerator.process_index}"
     tmp = held_file.with_suffix(".tmp")

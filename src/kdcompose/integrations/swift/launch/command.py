@@ -198,8 +198,13 @@ def train(
     try:
         swift_kwargs(config)
         start = start_point(config.swift_args, resume=resume, path_of=resume_path, source=config.source)
-    except (ConfigError, ValueError) as exc:  # ValueError: a bad KDCOMPOSE_SIGTERM_GRACE_S
-        print(exc.render() if isinstance(exc, ConfigError) else f"kdcompose train: {exc}", file=stderr)
+    except ConfigError as exc:
+        print(exc.render(), file=stderr)
+        return EXIT_INVALID
+    try:
+        grace_seconds()  # a bad KDCOMPOSE_SIGTERM_GRACE_S fails now, not at the first SIGTERM
+    except ValueError as exc:
+        print(f"kdcompose train: {exc}", file=stderr)
         return EXIT_INVALID
     main_process = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
     if start.message and main_process:
