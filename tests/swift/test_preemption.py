@@ -62,7 +62,7 @@ pytestmark = [
 ]
 pytest.importorskip("deepspeed")
 
-STEPS = 8
+STEPS = 6
 TERMS = {
     "lm_jsd": {},
     "ce": {"weight": 0.3, "schedule": {"kind": "linear", "start": 1.0, "end": 0.1, "total_steps": STEPS}},
@@ -244,8 +244,9 @@ def reference(tmp) -> dict[int, dict[str, Any]]:
     return rows
 
 
-KILL_ROOM = 4
-"""The newest complete checkpoint must stay at or below this step for the SIGTERM round after the kills."""
+KILL_ROOM = STEPS - 4
+"""The newest complete checkpoint must stay at or below this step for the SIGTERM round after the kills
+(it stops at most 3 steps later, before the last step)."""
 
 
 def _kill_point(resumed: int, rng: random.Random, progress: bool) -> tuple[str, int]:
