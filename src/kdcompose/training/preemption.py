@@ -37,7 +37,6 @@ Framework-neutral: the standard library only (no torch, no transformers).
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import os
@@ -136,13 +135,12 @@ class StopSignals:
         escalate: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         exit_now: Callable[[int], None] = os._exit,
-        interrupt_main: Callable[[], None] = _thread.interrupt_main,
     ) -> None:
         self.signals = tuple(signals) if signals is not None else handled_signals()
         self.grace_s = grace_seconds() if grace_s is None else float(grace_s)
         self.escalate = (REPORT_ENV not in os.environ) if escalate is None else bool(escalate)
         """Whether a repeated signal stops this process at once (not under kdcompose's launcher)."""
-        self._clock, self._exit_now, self._interrupt_main = clock, exit_now, interrupt_main
+        self._clock, self._exit_now = clock, exit_now
         self.request: StopRequest | None = None
         self.saved_checkpoint: str | None = None
         self._lock = threading.Lock()
@@ -166,7 +164,7 @@ class StopSignals:
             return False
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        self._previous = {sig: signal.signal(sig, _noop) for sig in self.signals}
+        self._previous = {sig: signal.signal(sig, self._in_main_thread) for sig in self.signals}
         self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         self._pipe = (read_fd, write_fd)
         self._watcher = threading.Thread(target=self._watch, args=(read_fd,), name="kdcompose-stop-signals")
@@ -198,6 +196,17 @@ class StopSignals:
             yield self
         finally:
             self.uninstall()
+
+    def _in_main_thread(self, signum: int, frame: object) -> None:
+        """The Python-level handler. The watcher thread does the work (it sees each signal at once);
+        here only a second Ctrl-C becomes a KeyboardInterrupt, as without kdcompose (a KeyboardInterrupt
+        can only be raised in the main thread)."""
+        if signum == signal.SIGINT and self._is_repeat():
+            raise KeyboardInterrupt
+
+    def _is_repeat(self) -> bool:
+        first = self.request
+        return self.escalate and first is not None and self._clock() - first.received_at >= REPEAT_AFTER_S
 
     def _watch(self, read_fd: int) -> None:
         wanted = {int(sig) for sig in self.signals}
@@ -236,8 +245,7 @@ class StopSignals:
             return  # the same event reaching us twice (scheduler + torchrun), not a second request
         if sig == signal.SIGINT:
             _say("second Ctrl-C: interrupting without a checkpoint")
-            self._interrupt_main()
-            return
+            return  # `_in_main_thread` raises the KeyboardInterrupt, as Python's own handler would
         _say(f"second {sig.name}: exiting at once ({EXIT_SIGTERM}) without a new checkpoint")
         self._exit_now(EXIT_SIGTERM)
 
@@ -276,10 +284,6 @@ def read_report(path: str | Path) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _noop(signum: int, frame: object) -> None:
-    """The Python-level handler: nothing; the watcher thread acts on the wakeup pipe."""
 
 
 __all__ = [
