@@ -1,8 +1,10 @@
 """The `kdcompose` command line.
 
 Exit codes: 0 success, 2 invalid config or usage (message on stderr naming each offending
-dotted path), 1 anything else. `kdcompose` alone prints this help; `kdcompose COMMAND -h`
-describes a command, its exit codes and the environment variables it reads.
+dotted path), 1 anything else; `train` also 75 (stopped by SIGTERM after saving a complete
+checkpoint: continue with `--resume`), 130 (Ctrl-C) and 143 (SIGTERM without a new checkpoint).
+`kdcompose` alone prints this help; `kdcompose COMMAND -h` describes a command, its exit codes
+and the environment variables it reads.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from kdcompose.integrations.swift.launch.command import train
 
-    return train(args.config, overrides=args.overrides)
+    return train(args.config, overrides=args.overrides, resume=args.resume)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -187,6 +189,12 @@ _LAUNCH_ENV = (
     "                       teacher servers (docs/teacher_server.md)\n"
     "  KDCOMPOSE_RESUME_ALLOW_CHANGES\n"
     "                       1: resume although the config changed since the checkpoint\n"
+    "  KDCOMPOSE_RESUME_INCOMPLETE\n"
+    "                       1: resume from a checkpoint without kdcompose's completion marker\n"
+    "  KDCOMPOSE_SIGTERM_GRACE_S\n"
+    "                       seconds after SIGTERM to save before exiting at once (default 300; 0: no limit)\n"
+    "  KDCOMPOSE_SAVE_ON_SIGINT\n"
+    "                       1: the first Ctrl-C saves a checkpoint and stops like SIGTERM\n"
     "  KDCOMPOSE_ALLOW_UNTESTED_SWIFT\n"
     "                       1: run with an ms-swift version outside the tested range\n"
     "  KDCOMPOSE_DEBUG      1: an ms-swift start-up error shows its traceback, not the config message\n"
@@ -220,7 +228,10 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
         "Train with ms-swift's GKD pipeline and the config's loss composition. Runs every check of "
         "`validate` first (a bad config costs seconds, not a model load), prints the loss formula, "
         "and at the end the run folder, its logging.jsonl and the last checkpoint.",
-        exit_codes=_EXIT_CONFIG + "\n  130  interrupted (Ctrl-C); checkpoints saved so far are kept",
+        exit_codes=_EXIT_CONFIG
+        + "\n  75  stopped by SIGTERM after saving a complete checkpoint of the reached step (--resume)"
+        + "\n  130  interrupted (Ctrl-C); complete checkpoints saved so far are kept"
+        + "\n  143  stopped by SIGTERM without a new checkpoint (second SIGTERM, or the grace period ended)",
         env=_MODEL_ENV + "\n" + _LAUNCH_ENV,
     ),
     "demo": _help(
@@ -301,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with ms-swift's GKD pipeline and the config's loss composition")
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint under the config's output_dir (across ms-swift's "
+        "v<N>-<time> run folders); without one, start fresh",
+    )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="DOTTED.KEY=VALUE", help=SET_HELP
     )

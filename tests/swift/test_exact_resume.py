@@ -28,7 +28,7 @@ from kdcompose import build_composer, parse_config
 from kdcompose.compat import transformers_checkpoint_keys as checkpoint_keys
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import resume as exact_resume
-from kdcompose.training import records
+from kdcompose.training import checkpoints, records
 from kdcompose.training.records import COMPOSITION_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -186,6 +186,7 @@ def test_a_model_only_checkpoint_is_announced_as_not_exact(lora_run, tmp_path):
     shutil.copy(lora_run["checkpoint"].parent / COMPOSITION_FILE, checkpoint.parent / COMPOSITION_FILE)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (checkpoint / name).unlink()
+    checkpoints.write_completion_marker(checkpoint, SAVE_EVERY)  # as a save_only_model save marks it
     trainer = lora_run["trainer"]
     step = trainer._step
     try:

@@ -37,7 +37,7 @@ from kdcompose.log import logger
 from kdcompose.nonfinite import SKIP_STEP, describe
 from kdcompose.normalization import GLOBAL_TOKENS, step_token_denominator, valid_token_count
 from kdcompose.training import records as resume
-from kdcompose.training.checkpoints import last_checkpoint
+from kdcompose.training.checkpoints import last_checkpoint, last_complete_checkpoint
 from kdcompose.training.guard import SKIPPED_METRIC, NonFiniteGuard
 from kdcompose.training.metrics import (
     TermWindow,
@@ -250,8 +250,12 @@ class KDLoop:
         """Ctrl-C: say where training stopped and how to resume (hooks are closed by the caller)."""
         if not self.host.accelerator.is_main_process:
             return
-        last = last_checkpoint(self.host.args.output_dir)
-        where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+        last = last_complete_checkpoint(self.host.args.output_dir)
+        where = (
+            f"`kdcompose train CONFIG --resume` continues from {last}"
+            if last
+            else "no checkpoint was saved yet"
+        )
         logger.warning(
             f"kdcompose: training interrupted (Ctrl-C) at global_step {self.host.state.global_step}/"
             f"{self.host.state.max_steps}; feature hooks removed; {where}"

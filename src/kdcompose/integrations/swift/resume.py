@@ -5,12 +5,13 @@ workaround in `kdcompose.compat` (measured on the tiny models, tests/swift/test_
 the fully fine-tuned student is not restored (`compat.transformers_checkpoint_keys`), a later
 epoch replays epoch 0's data order (`compat.trl_repeat_sampler`), and GKD's micro-batch counter
 restarts inside a generation batch (`compat.swift_gkd_step`). This module applies them from the
-trainer's `train()` / `_load_from_checkpoint`, refuses a checkpoint whose recorded composition
-differs (`training.records.check_resume_composition`), and says at train start, as a warning
-naming the cause, what a checkpoint cannot give back instead of diverging silently: a checkpoint
-saved with `save_only_model: true` (no optimizer, scheduler or RNG state: the ~5e-4 "LoRA
-drift"), `resume_only_model` / `ignore_data_skip`, a checkpoint inside a logging window, and
-on-policy batches generated before the checkpoint inside a generation batch.
+trainer's `train()` / `_load_from_checkpoint`, refuses a checkpoint that is not marked complete
+(`training.checkpoints.require_complete`) or whose recorded composition differs
+(`training.records.check_resume_composition`), and says at train start, as a warning naming the
+cause, what a checkpoint cannot give back instead of diverging silently: a checkpoint saved with
+`save_only_model: true` (no optimizer, scheduler or RNG state: the ~5e-4 "LoRA drift"),
+`resume_only_model` / `ignore_data_skip`, a checkpoint inside a logging window, and on-policy
+batches generated before the checkpoint inside a generation batch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from swift.utils import get_logger
 from kdcompose.compat.swift_gkd_step import restore_micro_batch_counter
 from kdcompose.compat.transformers_checkpoint_keys import load_full_weights
 from kdcompose.compat.trl_repeat_sampler import replay_epochs
-from kdcompose.training.checkpoints import checkpoint_epoch, checkpoint_global_step
+from kdcompose.training.checkpoints import checkpoint_epoch, checkpoint_global_step, require_complete
 from kdcompose.training.loop import resume_checkpoint
 from kdcompose.training.records import check_resume_composition
 
@@ -99,6 +100,7 @@ def begin_train(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) ->
     checkpoint = resume_checkpoint(trainer, args, kwargs)
     if not checkpoint:
         return None
+    require_complete(checkpoint, source="trainer.train")  # complete or absent: never half a save
     global_step = checkpoint_global_step(checkpoint)
     plan = ResumePlan(checkpoint=checkpoint, global_step=global_step, epoch=checkpoint_epoch(checkpoint))
     plan.composition_changes = check_resume_composition(checkpoint, trainer.kd_composer)

@@ -26,7 +26,7 @@ from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift.launch.args import is_swift_teacher_server
 from kdcompose.teachers.provider import PREFETCHED, TeacherProvider, TeacherSource
 from kdcompose.teachers.server_teacher import FetchFailure, ServerTeacher, stop_if_any_rank_failed
-from kdcompose.training.checkpoints import last_checkpoint
+from kdcompose.training.checkpoints import last_complete_checkpoint
 from kdcompose.training.metrics import is_distributed
 
 
@@ -125,8 +125,10 @@ class RunTeachers:
 
 
 def stop_message(trainer: Any, url: str, detail: str) -> str:
-    last = last_checkpoint(trainer.args.output_dir)
-    where = f"resume with resume_from_checkpoint: {last}" if last else "no checkpoint was saved yet"
+    last = last_complete_checkpoint(trainer.args.output_dir)
+    where = (
+        f"`kdcompose train CONFIG --resume` continues from {last}" if last else "no checkpoint was saved yet"
+    )
     return (
         f"the teacher server {url} failed at global step {trainer.state.global_step} {detail}; every rank "
         f"stopped; {where}"

@@ -11,8 +11,9 @@ DeepSpeed / FSDP-prepared teacher, `offload_teacher_model`, `logits_to_keep`, gr
 accumulation, evaluation, logging.
 
 Besides `compute_loss` it overrides, each in a line or two: `train` (hooks on for the run, exact
-resume, Ctrl-C), `log` (per-term metrics), `_save` / `_load_from_checkpoint` (projectors, full
-fine-tuning weights on resume), and three upstream hooks of the teacher server path
+resume, Ctrl-C, SIGTERM; complete checkpoints: `integrations.transformers.checkpointing`), `log`
+(per-term metrics), `_save` / `_load_from_checkpoint` (projectors, full fine-tuning weights on
+resume), and three upstream hooks of the teacher server path
 (`_prepare_batch_inputs` for named servers, `_infer_teacher_requests` / `_scatter_teacher_parsed`
 so a server failure stops every rank together; `teachers.py`).
 
@@ -43,6 +44,7 @@ from kdcompose.composer import LossComposer  # noqa: E402
 from kdcompose.integrations.swift import checks, teachers  # noqa: E402
 from kdcompose.integrations.swift import resume as _resume  # noqa: E402
 from kdcompose.integrations.transformers import KDLoopCallback  # noqa: E402
+from kdcompose.integrations.transformers.checkpointing import CheckpointCallback  # noqa: E402
 from kdcompose.resolve import legacy_llm_kd_weight, stock_gkd_composition  # noqa: E402
 from kdcompose.teachers.sources import DEFAULT, TeacherSource  # noqa: E402
 from kdcompose.terms.base import TermNeeds  # noqa: E402
@@ -104,6 +106,8 @@ class KDComposeGKDTrainer(GKDTrainer):
         self.use_composer(run.composer, run.teachers)
         self.kd_loop = KDLoop(self)
         self.add_callback(KDLoopCallback(self.kd_loop))
+        self.kd_checkpoints = CheckpointCallback()  # after KDLoopCallback: its marker is the last file
+        self.add_callback(self.kd_checkpoints)
         if self.accelerator.is_main_process:
             logger.info(f"kdcompose: {run.composer.formula()} (composition from {run.origin})")
 
@@ -201,12 +205,14 @@ class KDComposeGKDTrainer(GKDTrainer):
         self.kd_loop.run_started(args, kwargs)
         self.kd_attachments.open()
         try:
-            return super().train(*args, **kwargs)
+            with self.kd_checkpoints.stop_signals():  # SIGTERM: save at the step's end, then stop
+                result = super().train(*args, **kwargs)
         except KeyboardInterrupt:
             self.kd_loop.interrupted()
             raise
         finally:
             self.kd_attachments.close()
+        return self.kd_checkpoints.finish(result, self.state.max_steps)  # TrainingStopped: exit 75
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """ms-swift's log row plus kdcompose's per-term values (`KDLoop.add_to_log`)."""

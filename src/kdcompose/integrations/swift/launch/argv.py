@@ -14,10 +14,12 @@ So when the plugin runs, kdcompose's flags (`--loss_terms`, `--llm_kd_weight`,
 stack, takes our flags out of `remaining_args` in place (so ms-swift's check passes and
 sees only real leftovers, which we report with a close-match suggestion), resolves the
 composition with the GKD knobs the user gave explicitly, checks the teacher and the
-unsupported settings before any model is loaded, parks the composition for the trainer
-and attaches it (and `llm_kd_weight`) to the arguments, which ms-swift saves in args.json.
-Where no parse is in progress (a dataloader worker replaying the plugin import, or
-`RLHFArguments(external_plugins=...)` built in Python) it only selects the trainer.
+unsupported settings and where the run starts (`resume_point`: `KDCOMPOSE_RESUME=1`, an
+incomplete `--resume_from_checkpoint` refused) before any model is loaded, parks the
+composition for the trainer and attaches it (and `llm_kd_weight`) to the arguments, which
+ms-swift saves in args.json. Where no parse is in progress (a dataloader worker replaying the
+plugin import, or `RLHFArguments(external_plugins=...)` built in Python) it only selects the
+trainer.
 
 This relies on the names of two locals in transformers' `HfArgumentParser` and ms-swift's
 plugin import order; the tested versions are pinned (`runtime.TESTED_RANGE`) and a test
@@ -27,6 +29,7 @@ runs the real `swift rlhf` command.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,6 +144,17 @@ def unknown_flag_issues(remaining: Sequence[str]) -> list[ConfigIssue]:
     return issues
 
 
+def _resume_point(arguments: Any) -> None:
+    """Where the run starts (`launch.resume_point`); a finished run exits here, with nothing to train."""
+    from kdcompose.integrations.swift.launch.resume_point import apply_to_arguments
+
+    start = apply_to_arguments(arguments)
+    if start.message and os.environ.get("RANK", "0") == "0":
+        print(f"kdcompose: {start.message}", flush=True)
+    if start.finished:
+        raise SystemExit(0)
+
+
 def activate_plugin() -> Composition | None:
     """Everything the plugin file does; returns the composition it handed to the trainer (None:
     none given)."""
@@ -166,6 +180,7 @@ def activate_plugin() -> Composition | None:
     composition = resolve_from_flags(own, parse.arguments, explicit_flags(parse.argv))
     composer = build_composer(composition)
     check_arguments(composer, parse.arguments)  # before ms-swift loads any model
+    _resume_point(parse.arguments)  # KDCOMPOSE_RESUME=1; an incomplete checkpoint is refused
     if not own:
         return None  # the trainer composes ms-swift's stock loss from its own arguments
     KDComposeGKDTrainer.expect(RunComposition(composer, {}, "the kdcompose ms-swift plugin"))

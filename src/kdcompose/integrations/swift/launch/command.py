@@ -7,14 +7,17 @@ attached to the arguments (see `spec`), ms-swift's trainer mapping for `gkd` is 
 `KDComposeGKDTrainer`, the loss formula is printed, and `rlhf_main` runs.
 
 With `NPROC_PER_NODE` / `NNODES` set (ms-swift's convention), the validated command is
-re-launched under `torch.distributed.run`, one `kdcompose train` per process.
+re-launched under `torch.distributed.run`, one `kdcompose train` per process (`launcher`).
+
+`--resume` continues from the newest complete checkpoint of the config's `output_dir`, chosen
+before any model loads (`resume_point`); SIGTERM during training saves a complete checkpoint of
+the reached step and exits with `EXIT_PREEMPTED` (`training.preemption`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -34,6 +37,7 @@ from kdcompose.integrations.swift.launch.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 from kdcompose.resolve import legacy_llm_kd_weight
 from kdcompose.training.engines import prepare_engine
+from kdcompose.training.preemption import EXIT_PREEMPTED, EXIT_SIGTERM, TrainingStopped, grace_seconds
 from kdcompose.training.records import loss_terms_of
 
 EXIT_OK = 0
@@ -41,8 +45,6 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, the shell convention for a run stopped with Ctrl-C."""
-INTERRUPT_GRACE_S = 60
-"""How long Ctrl-C waits for torchrun's workers to stop before they are terminated."""
 _TORCHRUN_ENV = ("NPROC_PER_NODE", "MASTER_PORT", "NNODES", "NODE_RANK", "MASTER_ADDR")
 
 
@@ -153,25 +155,40 @@ def teachers_line(config: KDConfig) -> str | None:
     return "; ".join(parts) or None
 
 
-def run(config: KDConfig) -> Any:
-    """Train with an already validated config and `swift_kwargs(config)`; returns ms-swift's result."""
+def run(config: KDConfig, resume_from: str | None = None) -> Any:
+    """Train with an already validated config and `swift_kwargs(config)` (from checkpoint
+    `resume_from` when given); returns ms-swift's result."""
     from swift import rlhf_main
 
-    arguments = build_arguments(config, swift_kwargs(config))
+    kwargs = swift_kwargs(config)
+    if resume_from:
+        kwargs["resume_from_checkpoint"] = resume_from
+    arguments = build_arguments(config, kwargs)
     with trainer_selected(run_composition(config)):
         return rlhf_main(arguments)
 
 
-def _torchrun_command(config_path: str, overrides: Sequence[str] = ()) -> list[str] | None:
+def _torchrun_command(
+    config_path: str, overrides: Sequence[str] = (), resume_from: tuple[str, str] | None = None
+) -> list[str] | None:
+    """The torchrun command that runs one `kdcompose train` per process (None: this is one of them,
+    or no launcher variable is set). `resume_from`: (dotted key, checkpoint) chosen by `--resume`,
+    handed to every process as a `--set`, so all ranks resume from the same one."""
     if os.environ.get("LOCAL_RANK") is not None:
         return None  # already one of the launched processes
     if os.environ.get("NPROC_PER_NODE") is None and os.environ.get("NNODES") is None:
         return None
+    from kdcompose.training.torchrun_launcher import shutdown_timeout_s
+
     launcher = [sys.executable, "-m", "torch.distributed.run"]
     for key in _TORCHRUN_ENV:
         if os.environ.get(key) is not None:
             launcher += [f"--{key.lower()}", os.environ[key]]
+    if os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") is None:  # room for a save on SIGTERM
+        launcher += ["--shutdown_timeout", str(shutdown_timeout_s(grace_seconds()))]
     sets = [arg for override in overrides for arg in ("--set", override)]
+    if resume_from is not None:
+        sets += ["--set", f"{resume_from[0]}={json.dumps(resume_from[1])}"]
     return [*launcher, "-m", "kdcompose.cli", "train", config_path, *sets]
 
 
@@ -179,11 +196,14 @@ def train(
     config_path: str,
     *,
     overrides: Sequence[str] = (),
+    resume: bool = False,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
-    """The `kdcompose train` command; returns the exit code (2: invalid config, 1: failure).
-    `overrides`: `DOTTED.KEY=VALUE` strings (`--set`), applied before validation."""
+    """The `kdcompose train` command; returns the exit code (2: invalid config, 1: failure, 75:
+    stopped by SIGTERM after saving a complete checkpoint, 130: Ctrl-C, 143: SIGTERM without one).
+    `overrides`: `DOTTED.KEY=VALUE` strings (`--set`), applied before validation. `resume`:
+    continue from the newest complete checkpoint of the config's `output_dir` (`--resume`)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -196,14 +216,29 @@ def train(
     except SwiftUnavailableError as exc:
         print(f"kdcompose train: {exc}", file=stderr)
         return EXIT_FAILED
+    from kdcompose.integrations.swift.launch.resume_point import RESUME_KEY, start_point
+
+    resume_path = config.arg_paths.get(RESUME_KEY, f"training.{RESUME_KEY}")
     try:
         swift_kwargs(config)
+        start = start_point(config.swift_args, resume=resume, path_of=resume_path, source=config.source)
     except ConfigError as exc:
         print(exc.render(), file=stderr)
         return EXIT_INVALID
+    try:
+        grace_seconds()  # a bad KDCOMPOSE_SIGTERM_GRACE_S fails now, not at the first SIGTERM
+    except ValueError as exc:
+        print(f"kdcompose train: {exc}", file=stderr)
+        return EXIT_INVALID
+    main_process = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+    if start.message and main_process:
+        print(f"kdcompose: {start.message}", file=stdout, flush=True)
+    if start.finished:
+        return EXIT_OK
 
     composer = config.composer
-    command = _torchrun_command(config_path, overrides)
+    resume_set = (resume_path, start.checkpoint) if resume and start.checkpoint else None
+    command = _torchrun_command(config_path, overrides, resume_set)
     if command is not None:
         print(
             f"kdcompose: {composer.formula()}\nkdcompose: launching {' '.join(command)}",
@@ -211,7 +246,7 @@ def train(
             flush=True,
         )
         return _run_launcher(command, stderr)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if main_process:
         print(f"kdcompose: {composer.formula()}", file=stdout, flush=True)
         teachers = teachers_line(config)
         if teachers:
@@ -225,7 +260,15 @@ def train(
 
     try:
         with startup_errors_as_config_errors(config.swift_args, config.arg_paths, config.source):
-            result = run(config)
+            result = run(config, start.checkpoint if resume else None)
+    except TrainingStopped as stop:
+        if main_process:
+            print(
+                f"kdcompose train: {stop}. Continue with `kdcompose train CONFIG --resume`.",
+                file=stderr,
+                flush=True,
+            )
+        return EXIT_PREEMPTED if stop.checkpoint else EXIT_SIGTERM
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -236,29 +279,19 @@ def train(
     except ConfigError as exc:  # found once the models are loaded (trainer checks): still a config problem
         print(exc.render(), file=stderr, flush=True)
         return EXIT_INVALID
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if main_process:
         print("\n".join(run_files(result, config.swift_args).lines()), file=stdout, flush=True)
     return EXIT_OK
 
 
 _INTERRUPTED = (
     "kdcompose train: interrupted (Ctrl-C). Training stopped and its feature hooks were removed; "
-    "checkpoints saved so far are kept (resume with `resume_from_checkpoint: <checkpoint folder>`)."
+    "complete checkpoints saved so far are kept (continue with `kdcompose train CONFIG --resume`)."
 )
 
 
 def _run_launcher(command: list[str], stderr: TextIO) -> int:
-    """Run torchrun; on Ctrl-C pass SIGINT on to it (it stops its workers) instead of killing it,
-    which would leave the workers running."""
-    process = subprocess.Popen(command)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=INTERRUPT_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait()
-        print(_INTERRUPTED, file=stderr, flush=True)
-        return EXIT_INTERRUPTED
+    """Run torchrun, passing SIGTERM / SIGINT / SIGHUP on to it and its workers (`launcher`)."""
+    from kdcompose.training.torchrun_launcher import run_torchrun
+
+    return run_torchrun(command, stderr, _INTERRUPTED)

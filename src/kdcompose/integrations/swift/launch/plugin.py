@@ -10,6 +10,9 @@ Usage (ms-swift 4.6)::
 or with ms-swift's flat YAML (`swift rlhf cfg.yaml --external_plugins "$(kdcompose plugin-path)"`),
 where `loss_terms:`, `llm_kd_weight:` and `visual_kd:` are top-level keys next to ms-swift's.
 Without any of the three keys the run trains exactly like ms-swift's stock GKD trainer.
+`KDCOMPOSE_RESUME=1 swift rlhf ...` continues from the newest complete checkpoint under
+`--output_dir` (what `kdcompose train CONFIG --resume` does); an incomplete
+`--resume_from_checkpoint` is refused before any model loads (docs/reliability.md).
 
 ms-swift imports this file by path while it parses the arguments (`--external_plugins`); the
 work is done by `kdcompose.integrations.swift.launch.argv.activate_plugin` (see its module doc).

@@ -9,7 +9,7 @@ The folder is found from what ms-swift returns (`last_model_checkpoint` sits ins
 without a checkpoint (`save_strategy: no`) it is the highest-numbered `v<N>-*` folder under
 the output directory holding a `logging.jsonl` (ms-swift numbers them in order), or the
 output directory itself when versioning is off. ms-swift's default output directory
-(`output/<model name>`, relative to the working directory) is used when the config sets none.
+(`output/<model name>`, named by ms-swift itself) is used when the config sets none.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kdcompose.integrations.swift.launch.resume_point import output_dir_of
 
 LOG_FILE = "logging.jsonl"
 _VERSION = re.compile(r"^v(\d+)-")
@@ -51,13 +53,9 @@ def run_files(result: Any, swift_args: Mapping[str, Any]) -> RunFiles:
 
 
 def _newest_run(swift_args: Mapping[str, Any]) -> Path | None:
-    output_dir = swift_args.get("output_dir")
-    if not isinstance(output_dir, str) or not output_dir:
-        model = swift_args.get("model")
-        if not isinstance(model, str) or not model:
-            return None
-        output_dir = f"output/{model.rstrip('/').rsplit('/', 1)[-1]}"  # ms-swift's default
-    root = Path(output_dir).expanduser().resolve()
+    if not swift_args.get("output_dir") and not swift_args.get("model"):
+        return None
+    root = output_dir_of(swift_args)
     runs = [
         (int(match.group(1)), path)
         for path in (root.iterdir() if root.is_dir() else ())
