@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdcompose.testing import build_tiny_pair
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -80,9 +82,10 @@ def test_plugins_list_imports_terms_and_failures_name_the_entry(tmp_path):
     assert result.returncode == 2
     assert "plugins.1" in result.stderr and "no_such_module_xyz" in result.stderr
     assert "plugins.0" not in result.stderr
+    teacher, _ = build_tiny_pair("qwen2_vl")
     cfg.write_text(
-        "plugins: [my_terms.py]\nrlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n"
-        "    fuzz_plugin_term: {weight: 0.5}\n"
+        f"plugins: [my_terms.py]\nrlhf:\n  teacher_model: {teacher}\n  teacher_model_type: qwen2_vl\n"
+        "  loss_terms:\n    fuzz_plugin_term: {weight: 0.5}\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)],

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from model_standins import REAL_CONFIGS, tiny_files_source, write_standin
 
 from kdcompose import parse_config
 from kdcompose.integrations.swift.launch.model_preflight import inspect_models, swift_model_name
 from kdcompose.testing import build_tiny_pair
-from model_standins import REAL_CONFIGS, tiny_files_source, write_standin
 
 pytestmark = pytest.mark.swift
 
@@ -218,7 +218,7 @@ def test_a_hub_id_offline_is_an_error_online_a_note(tiny, tmp_path, monkeypatch)
 def test_the_registry_cache_round_trips(tmp_path, monkeypatch):
     """A fresh cache folder: the first read imports ms-swift and writes the table; the second
     reads it back equal."""
-    from kdcompose.integrations.swift import model_registry
+    from kdcompose.integrations.swift.launch import model_registry
 
     monkeypatch.setenv("KDCOMPOSE_CACHE", str(tmp_path))
     model_registry.swift_registry.cache_clear()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,20 +12,25 @@ import pytest
 
 
 @pytest.mark.swift
-def test_validate_prints_a_schedule_column_and_json_keeps_its_keys(tmp_path):
+def test_validate_prints_a_schedule_column_and_json_keeps_its_keys(tmp_path, capsys):
+    from kdcompose.cli import main
+    from kdcompose.testing import build_tiny_pair
+
+    teacher, _ = build_tiny_pair("qwen2_vl")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        "rlhf:\n  teacher_model: /models/teacher\n  loss_terms:\n    ce:\n      weight: 0.5\n"
+        f"rlhf:\n  teacher_model: {teacher}\n  teacher_model_type: qwen2_vl\n"
+        "  loss_terms:\n    ce:\n      weight: 0.5\n"
         "      schedule: {kind: linear, start: 1, end: 0, total_steps: 1000}\n"
     )
-    run = [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)]
-    table = subprocess.run(run, capture_output=True, text=True, timeout=120)
-    assert table.returncode == 0, table.stderr
-    header = table.stdout.splitlines()[1].split()
+    assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    header = table.splitlines()[1].split()
     assert header[:4] == ["term", "type", "weight", "schedule"]
-    ce_row = next(line for line in table.stdout.splitlines() if line.split()[:1] == ["ce"])
+    ce_row = next(line for line in table.splitlines() if line.split()[:1] == ["ce"])
     assert "linear 1->0 over 1000" in ce_row
-    payload = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=120).stdout)
+    assert main(["validate", str(cfg), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
     rows = {row["name"]: row for row in payload["terms"]}
     contract = {"name", "type", "weight", "active", "metric", "needs_teacher", "formula", "spec"}
     assert contract <= rows["ce"].keys()
