@@ -233,6 +233,9 @@ def run(
                         sink.add_full(chunk, grad_out)
                     continue
                 job.compiled = None  # it failed to compile (warned): eager from here on
+                work = _work(student, job, 2 + max(1, divergence.scratch_buffers))
+                a, b, *scratch = (w[:rows] for w in work)
+                grad_out = sink.out_for(chunk, a) if want_grad and sink is not None else None
             ls = log_softmax_into(chunk.full(scratch[0]), a, scratch[0], temperature, group)
             lt = log_softmax_into(teacher.full(start, end, scratch[0]), b, scratch[0], temperature, group)
             if kernel is not None:
