@@ -22,10 +22,10 @@ Cases (``MODE/DIVERGENCE``; beta, alpha, mu at their defaults, temperature 1, ev
   without gradient, then the differentiable pass on half the tokens.
 * ``autograd/D`` -- the engine's autograd fallback on ``D``'s own ``value`` (``AutogradOnly``): what
   a value-only plugin divergence costs.
-* ``compiled/D`` -- an experiment: the chunk body (both log-softmaxes, ``D``'s value and its gradient
-  by ``torch.func.grad``) through ``torch.compile``, in the engine's chunk loop; compared with
-  ``chunked/D`` for time and for exactness (relative difference of the value, max relative
-  difference of the gradient).
+* ``compiled/D`` -- ``divergence_loss(..., compile=True)``: the chunk body (both log-softmaxes,
+  ``D``'s value and its gradient by ``torch.func.grad``) through ``torch.compile``, compiled before
+  the timing; compared with ``chunked/D`` for time and for exactness (relative difference of the
+  value, max relative difference of the gradient against the eager engine).
 * ``parallel/D`` -- ``divergence_loss`` with ``VocabParallel`` on 2 gloo ranks (two processes on
   this machine), each holding half the vocabulary: per-rank extra peak, max over ranks.
 
@@ -36,7 +36,9 @@ every other divergence against JSD in the same mode; ``autograd``, ``tokens``, `
 after the inputs were built, so it includes the gradients the call produces (the logits'
 ``.grad``, 1 logits tensor; the hidden-state and LM-head weight gradients for ``fused``, whose last
 column subtracts the ``[V, H]`` weight gradient any training step produces). Time: minimum over the
-runs (the least disturbed by other processes on a shared machine). Workers run with
+runs (the least disturbed by other processes on a shared machine), both wall-clock and the
+process's CPU time (all its threads), which other jobs on the same cores inflate much less: the
+ratios use CPU time (on an accelerator, use the wall column). Workers run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see ``_worker_env``).
 """
 
@@ -49,6 +51,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +87,7 @@ def default_cases() -> list[str]:
     cases = ["floor", "floor/whole"]
     for mode in MODES:
         cases += [f"{mode}/{name}" for name in DIVERGENCES]
-    cases += ["tokens/jsd", "autograd/jsd", "autograd/akl", "compiled/jsd", "compiled/ab"]
+    cases += ["tokens/jsd", "autograd/jsd", "autograd/akl", "compiled/jsd", "compiled/ab", "compiled/tvd"]
     cases += ["parallel/jsd", "parallel/akl"]
     return cases
 
@@ -223,51 +226,27 @@ def _floor_step(s_logits: torch.Tensor, t_logits: torch.Tensor, chunk: int | Non
 
 
 def _compiled_step(s_logits: torch.Tensor, t_logits: torch.Tensor, name: str, chunk: int | None):
-    """The chunk body -- both log-softmaxes, the divergence's ``value`` and its gradient by
-    ``torch.func.grad`` -- through ``torch.compile`` (dynamic chunk length), in the engine's chunk
-    loop with a fresh gradient tensor per step as the engine; checks exactness against the engine."""
+    """``divergence_loss(..., compile=True)``: the chunk body through ``torch.compile``
+    (kdcompose.functional.compiled), compiled before the timing; exactness against the eager engine."""
     from kdcompose.functional import divergence_loss
-    from kdcompose.functional.divergences import ChunkOps
 
-    n, vocab = s_logits.shape
     div = _divergence(name)
-    rows = _engine_chunk(vocab, s_logits.dtype, str(s_logits.device), chunk)
-    ops = ChunkOps()
-
-    def body(u: torch.Tensor, v: torch.Tensor, coef: float):
-        lt = torch.log_softmax(v.float(), -1)
-
-        def per_row(uu: torch.Tensor):
-            value = div.value(torch.log_softmax(uu, -1), lt, ops)
-            return value.sum(), value
-
-        grad, value = torch.func.grad(per_row, has_aux=True)(u.float())
-        return value, grad * coef
-
-    compiled = torch.compile(body, dynamic=True)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        grad = torch.empty_like(s_logits)
-        total = s_logits.new_zeros((), dtype=torch.float32)
-        with torch.no_grad():
-            for start in range(0, n, rows):
-                end = min(start + rows, n)
-                value, g = compiled(s_logits[start:end], t_logits[start:end], 1.0 / n)
-                grad[start:end] = g
-                total += value.sum()
-        return total / n, grad
-
-    value, grad = run()  # compiles outside the timing
-    engine_value = divergence_loss(s_logits, t_logits, divergence=div, chunk_size=rows)
-    engine_value.backward()
-    ref = s_logits.grad
+    eager = divergence_loss(s_logits, t_logits, divergence=div, chunk_size=chunk)
+    eager.backward()
+    ref, s_logits.grad = s_logits.grad, None
+    compiled = divergence_loss(s_logits, t_logits, divergence=div, chunk_size=chunk, compile=True)
+    compiled.backward()
     exact = {
-        "value_rel_diff": abs(value.item() - engine_value.item()) / abs(engine_value.item()),
-        "grad_max_rel_diff": ((grad - ref).abs().max() / ref.abs().max()).item(),
+        "value_rel_diff": abs(compiled.item() - eager.item()) / abs(eager.item()),
+        "grad_max_rel_diff": ((s_logits.grad - ref).abs().max() / ref.abs().max()).item(),
     }
     s_logits.grad = None
-    del grad, ref
-    return run, [], exact
+    del ref
+
+    def step() -> None:
+        divergence_loss(s_logits, t_logits, divergence=div, chunk_size=chunk, compile=True).backward()
+
+    return step, [s_logits], exact
 
 
 def run_worker(spec: dict) -> dict:
@@ -284,7 +263,14 @@ def run_worker(spec: dict) -> dict:
         tiny_step()
         del tiny_step
     step, grads, extra = _build(case, tokens, vocab, hidden, dtype, device, spec.get("chunk"))
-    measured = measure_step(step, grads, device, reps)
+    cpu: list[float] = []
+
+    def timed() -> None:  # process CPU time beside wall time: what other jobs on the cores cannot inflate
+        start = time.process_time()
+        step()
+        cpu.append(time.process_time() - start)
+
+    measured = measure_step(timed, grads, device, reps)
     return {
         "case": case,
         "tokens": tokens,
@@ -292,14 +278,13 @@ def run_worker(spec: dict) -> dict:
         "memory_method": measured.memory_method,
         "time_s": measured.time_s,
         "times": [measured.cold_s, *measured.times],
+        "cpu_s": min(cpu),
         **extra,
     }
 
 
 def _run_parallel_rank(spec: dict) -> dict:
     """One rank of ``parallel/D``: its half of both models' logits, the engine with VocabParallel."""
-    import time
-
     import torch.distributed as dist
 
     from kdcompose.functional import VocabParallel, divergence_loss
@@ -324,17 +309,18 @@ def _run_parallel_rank(spec: dict) -> dict:
 
         dist.barrier()
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
-            times = [time.perf_counter() - start]
+            times, cpu = [time.perf_counter() - start], [time.process_time() - cpu_start]
         for _ in range(spec["reps"]):
             s_logits.grad = None
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
         return {"case": spec["case"], "rank": rank, "extra_bytes": memory.extra_bytes, "time_s": min(times),
-                "memory_method": memory.method}  # fmt: skip
+                "cpu_s": min(cpu), "memory_method": memory.method}  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -407,6 +393,7 @@ def _spawn_parallel(spec: dict, world: int = 2) -> dict:
         "case": spec["case"],
         "extra_bytes": max(r["extra_bytes"] for r in ranks),
         "time_s": max(r["time_s"] for r in ranks),
+        "cpu_s": max(r["cpu_s"] for r in ranks),
         "memory_method": ranks[0]["memory_method"],
         "ranks": world,
     }
@@ -468,9 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "# extra peak = peak during forward+backward minus memory after inputs; "
         f"1 logits = {tokens} x {args.vocab} x {elem} bytes = {logits_bytes / 2**30:.2f} GiB; "
-        f"time = min over {args.reps + 1} runs (s)"
+        f"time = min over {args.reps + 1} runs (s), wall and process CPU (all threads); ratios use CPU time"
     )
-    header = f"{'case':<16} {'time s':>7} {'ratio':>14} {'extra GiB':>9} {'x logits':>8} {'excl. W grad':>12}"
+    header = (
+        f"{'case':<16} {'wall s':>7} {'cpu s':>7} {'ratio (cpu)':>16} {'extra GiB':>9} {'x logits':>8} "
+        f"{'excl. W grad':>12}"
+    )
     print(header)
     print("-" * len(header))
     results: dict[str, dict] = {}
@@ -501,21 +491,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ref_case = _reference_case(case)
         ratio = "-"
-        if ref_case in results and "time_s" in results[ref_case]:
-            ratio = f"{res['time_s'] / results[ref_case]['time_s']:.2f}x {ref_case.split('/')[0]}"
-            if ref_case.endswith("/jsd") and not case.endswith("/jsd"):
-                ratio = f"{res['time_s'] / results[ref_case]['time_s']:.2f}x jsd"
+        if ref_case in results and "cpu_s" in results[ref_case]:
+            ratio = f"{res['cpu_s'] / results[ref_case]['cpu_s']:.2f}x {ref_case}"
         extra = res["extra_bytes"]
         fused = case.startswith(("fused/", "head+chunked", "baseline/fused"))
         excl = f"{(extra - weight_grad_bytes) / logits_bytes:.3f}" if fused else "-"
         print(
-            f"{case:<16} {res['time_s']:>7.2f} {ratio:>14} {extra / 2**30:>9.2f} "
+            f"{case:<16} {res['time_s']:>7.2f} {res['cpu_s']:>7.2f} {ratio:>16} {extra / 2**30:>9.2f} "
             f"{extra / logits_bytes:>8.3f} {excl:>12}",
             flush=True,
         )
-        if case == "chunked/jsd" and "time_s" in results.get("floor/whole", {}):
-            whole = res["time_s"] / results["floor/whole"]["time_s"]
-            print(f"{'':<16} {whole:.2f}x floor/whole", flush=True)
+        if case == "chunked/jsd" and "cpu_s" in results.get("floor/whole", {}):
+            whole = res["cpu_s"] / results["floor/whole"]["cpu_s"]
+            print(f"{'':<16} {'':>7} {'':>7} {whole:>11.2f}x floor/whole", flush=True)
         if "grad_max_rel_diff" in res:
             print(
                 f"{'':<16} compiled vs engine: value rel diff {res['value_rel_diff']:.1e}, "

@@ -221,6 +221,28 @@ def test_a_value_only_plugin_divergence_trains_chunked_fused_and_topk(hellinger)
         topk_divergence_loss(h @ w.t(), lp, ids, labels, divergence=hellinger, missing_mass="zero")
 
 
+def test_a_chunk_body_that_fails_to_compile_falls_back_to_the_eager_engine(monkeypatch):
+    """What the engine does when torch.compile fails (a missing compiler...): the guarded body
+    returns None, and the run continues eagerly from that chunk, same value and gradient."""
+    import kdcompose.functional.kd as kd
+
+    monkeypatch.setattr(kd, "compiled_body", lambda *_: lambda u, v: None)
+    gen = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(7, 11, generator=gen), torch.randn(7, 11, generator=gen)
+    labels = torch.tensor([1, IGNORE, 2, 3, 4, 5, 6])
+    results = [
+        _grad(
+            lambda s, c=c: divergence_loss(s, teacher, labels, divergence="ab", chunk_size=2, compile=c),
+            student,
+        )
+        for c in (False, True)
+    ]
+    assert results[0][0].item() == results[1][0].item()
+    assert torch.equal(results[0][1][0], results[1][1][0])
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        divergence_loss(student, teacher, divergence="akl", compile=True)
+
+
 def test_a_plugin_value_must_be_one_number_per_row():
     class Flat(Divergence):
         def value(self, ls, lt, ops):

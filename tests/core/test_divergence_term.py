@@ -72,6 +72,9 @@ KD = "rlhf.loss_terms.kd"
         ),
         ({"divergence": "fkl", "tokens": {"by": "divergence"}}, f"{KD}.tokens.keep", "required"),
         ({"divergence": "fkl", "temperature": 0}, f"{KD}.temperature", "> 0"),
+        ({"divergence": "akl", "compile": True}, f"{KD}.compile", "cannot be compiled"),
+        ({"divergence": "ab", "compile": True, "topk": 8}, f"{KD}.compile", "remove `compile` or `topk`"),
+        ({"divergence": "ab", "compile": "yes"}, f"{KD}.compile", "true or false"),
     ],
 )
 def test_bad_settings_name_the_dotted_path(spec, path, words):

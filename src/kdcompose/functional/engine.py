@@ -174,6 +174,8 @@ class Job:
     parallel: VocabParallel | None = None
     name: str = "the divergence"
     stats: dict[str, Tensor] = field(default_factory=dict)
+    compiled: Callable[[Tensor, Tensor], tuple[Tensor, Tensor] | None] | None = None
+    """The compiled chunk body (kdcompose.functional.compiled), full-vocabulary modes only."""
 
     @property
     def coef(self) -> float:
@@ -214,13 +216,26 @@ def run(
 
     if job.mode == "full":
         assert isinstance(teacher, FullTeacher)
-        work = _work(student, job, 2 + max(1, divergence.scratch_buffers))
+        work = _work(student, job, 2 if job.compiled else 2 + max(1, divergence.scratch_buffers))
         for start in range(0, job.n, job.chunk):
             end = min(start + job.chunk, job.n)
             rows = end - start
             a, b, *scratch = (w[:rows] for w in work)
             chunk = student.chunk(start, end)
             grad_out = sink.out_for(chunk, a) if want_grad and sink is not None else None
+            if job.compiled is not None and kernel is None:
+                result = job.compiled(chunk.full(a), teacher.full(start, end, b))
+                if result is not None:
+                    per_row, g = result
+                    total += per_row.sum()
+                    if grad_out is not None and sink is not None:
+                        torch.mul(g, job.scale, out=grad_out)
+                        sink.add_full(chunk, grad_out)
+                    continue
+                job.compiled = None  # it failed to compile (warned): eager from here on
+                work = _work(student, job, 2 + max(1, divergence.scratch_buffers))
+                a, b, *scratch = (w[:rows] for w in work)
+                grad_out = sink.out_for(chunk, a) if want_grad and sink is not None else None
             ls = log_softmax_into(chunk.full(scratch[0]), a, scratch[0], temperature, group)
             lt = log_softmax_into(teacher.full(start, end, scratch[0]), b, scratch[0], temperature, group)
             if kernel is not None:

@@ -43,6 +43,7 @@ from kdcompose.functional._checks import (
     compute_dtype,
     empty_zero,
 )
+from kdcompose.functional.compiled import compile_issue, compiled_body
 from kdcompose.functional.divergences import Divergence, get_divergence
 from kdcompose.functional.engine import RENORM_ROWS, WORK_ROWS, Job, auto_chunk, execute, work_rows
 from kdcompose.functional.grads import LinearGrad, LogitsGrad
@@ -92,6 +93,21 @@ def _check_parallel(parallel: VocabParallel | None) -> VocabParallel | None:
     return parallel
 
 
+def _compiled(
+    compile: bool, div: Divergence, temperature: float, dtype: torch.dtype, parallel: VocabParallel | None
+):
+    if not compile:
+        return None
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if parallel is not None:
+        raise ValueError("compile=True does not support vocab_parallel (collectives inside a compiled body)")
+    issue = compile_issue(div)
+    if issue is not None:
+        raise ValueError(issue)
+    return compiled_body(div, temperature, dtype)
+
+
 def _narrow(index: Tensor | None, kept: Tensor) -> Tensor:
     return kept if index is None else index[kept]
 
@@ -113,6 +129,7 @@ def logits_result(
     tokens: TokenSelection | None = None,
     vocab_parallel: VocabParallel | None = None,
     name: str = "divergence_loss",
+    compile: bool = False,
 ) -> KdResult:
     check_logits_pair(student_logits, teacher_logits, labels)
     div = _divergence(divergence)
@@ -127,10 +144,11 @@ def logits_result(
         return KdResult(empty_zero(student_logits, dtype), 0, n_valid)
     chunk = chunk_size or auto_chunk(vocab, dtype, student_logits.device, work_rows(div))
     teacher_logits = teacher_logits.detach()
+    body = _compiled(compile, div, temperature, dtype, parallel)
 
     def job(n: int) -> Job:
         scale = 1.0 / n if normalize else 1.0
-        return Job(div, temperature, "full", n, scale, chunk, dtype, parallel, name)
+        return Job(div, temperature, "full", n, scale, chunk, dtype, parallel, name, compiled=body)
 
     n = n_valid
     if tokens is not None:
@@ -159,12 +177,14 @@ def divergence_loss(
     chunk_size: int | None = None,
     tokens: TokenSelection | None = None,
     vocab_parallel: VocabParallel | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """``divergence`` between the student's and the teacher's token distributions, averaged over the
     positions that count (see the module docstring).
 
     ``chunk_size``: tokens per chunk; ``None`` picks ``max(1, budget // (4 * V * 4 bytes))`` (32 MiB
     on a CPU, 512 MiB on an accelerator). The result does not depend on it beyond float rounding.
+    ``compile``: run the chunk body through ``torch.compile`` (:mod:`kdcompose.functional.compiled`).
     """
     return logits_result(
         student_logits,
@@ -175,6 +195,7 @@ def divergence_loss(
         chunk_size=chunk_size,
         tokens=tokens,
         vocab_parallel=vocab_parallel,
+        compile=compile,
     ).value
 
 
@@ -188,6 +209,7 @@ def divergence_loss_sum(
     chunk_size: int | None = None,
     tokens: TokenSelection | None = None,
     vocab_parallel: VocabParallel | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(sum over the positions that count, their number)`` (int64 0-d), to normalise by a global
     count: ``sum / all_reduce(count).clamp_min(1)``. Same arguments as :func:`divergence_loss`."""
@@ -202,6 +224,7 @@ def divergence_loss_sum(
         tokens=tokens,
         vocab_parallel=vocab_parallel,
         name="divergence_loss_sum",
+        compile=compile,
     )
     return result.value, torch.tensor(result.count, dtype=torch.int64, device=student_logits.device)
 
@@ -240,6 +263,7 @@ def fused_result(
     tokens: TokenSelection | None = None,
     vocab_parallel: VocabParallel | None = None,
     name: str = "fused_linear_divergence_loss",
+    compile: bool = False,
 ) -> KdResult:
     check_linear("student", student_hidden, student_weight, student_bias)
     check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -267,9 +291,10 @@ def fused_result(
     chunk = chunk_size or auto_chunk(vocab, dtype, student_hidden.device, work_rows(div), fused=True)
     t_hidden, t_weight = teacher_hidden.detach(), teacher_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
+    body = _compiled(compile, div, temperature, dtype, parallel)
 
     def job(n: int) -> Job:
-        return Job(div, temperature, "full", n, 1.0 / n, chunk, dtype, parallel, name)
+        return Job(div, temperature, "full", n, 1.0 / n, chunk, dtype, parallel, name, compiled=body)
 
     def teacher(idx: Tensor | None) -> FullTeacher:
         return FullTeacher(LinearStudent(t_hidden, t_weight, t_bias, idx))
@@ -307,6 +332,7 @@ def fused_linear_divergence_loss(
     teacher_bias: Tensor | None = None,
     tokens: TokenSelection | None = None,
     vocab_parallel: VocabParallel | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """:func:`divergence_loss` of ``hidden @ weight.T + bias`` for both models, without materialising
     the logits: they are built one chunk of positions at a time, the gradients w.r.t. the student's
@@ -328,6 +354,7 @@ def fused_linear_divergence_loss(
         teacher_bias=teacher_bias,
         tokens=tokens,
         vocab_parallel=vocab_parallel,
+        compile=compile,
     ).value
 
 

@@ -30,6 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from kdcompose.errors import ConfigIssue
 from kdcompose.functional import Divergence, TokenSelection, teacher_topk, topk_mass
+from kdcompose.functional.compiled import compile_issue
 from kdcompose.functional.kd import KdResult, fused_result, fused_topk_result, logits_result, topk_result
 from kdcompose.functional.vocab import align_labelled_rows
 from kdcompose.registry import UnknownDivergenceError, get_divergence_class, register_term
@@ -173,6 +174,11 @@ class LmHeadKdSpec(TermSpec):
     student's full distribution (DistillKit / axolotl; only divergences finite there)."""
     teacher: StrictStr | None = None
     """A named teacher from `rlhf.teachers` (a cache or a server); unset: the default teacher."""
+    compile: Bool = False
+    """Run each chunk (both log-softmaxes, the divergence and its gradient) through `torch.compile`
+    (`kdcompose.functional.compiled`): faster for the alpha-beta divergence and value-only plugin
+    divergences, no faster for the JSD, a compilation per process, a C++ compiler needed; full
+    vocabulary only (not with `topk`; docs/performance.md)."""
     tokens: TokensSpec | None = None
     """`{by: teacher_entropy | student_entropy | divergence, keep: FRACTION, order: high | low}`:
     distil only that fraction of the labelled tokens of each micro-batch; the value is the mean over
@@ -240,6 +246,12 @@ class LmKdTerm(LossTerm):
             issue = self.divergence.missing_mass_issue(spec.missing_mass)
             if issue is not None:
                 issues.append(ConfigIssue(self._missing_mass_path(), issue))
+        if spec.compile:
+            issue = compile_issue(self.divergence)
+            if spec.topk is not None:
+                issue = "compile applies to the full vocabulary; remove `compile` or `topk`"
+            if issue is not None:
+                issues.append(ConfigIssue(f"{origin}.compile", issue))
         return issues
 
     def _missing_mass_path(self) -> str:
@@ -282,6 +294,7 @@ class LmKdTerm(LossTerm):
             chunk_size=self.spec.chunk_size,
             tokens=self._selection,
             name=self.name,
+            compile=self.spec.compile,
         )
 
     def _fused(self, ctx: LossContext) -> KdResult:
@@ -314,6 +327,7 @@ class LmKdTerm(LossTerm):
                 teacher_bias=t_bias,
                 tokens=self._selection,
                 name=self.name,
+                compile=self.spec.compile,
             )
 
         return _through_head(ctx, fused)
@@ -397,6 +411,8 @@ class LmKdTerm(LossTerm):
             words.append("global_tokens")
         if self.spec.fused:
             words.append("fused")
+        if self.spec.compile:
+            words.append("compiled")
         if self.spec.topk is not None:
             words.append(
                 f"top{self.spec.topk}"

@@ -60,6 +60,10 @@ class AutogradOnly(Divergence):
     def value(self, ls, lt, ops):  # type: ignore[override]
         return self.inner.value(ls, lt, ops)
 
+    @property
+    def compilable(self) -> bool:  # type: ignore[override]
+        return self.inner.compilable
+
     def teacher_zeros_ok(self) -> bool:
         return self.inner.teacher_zeros_ok()
 

@@ -98,6 +98,7 @@ class AdaptiveKL(Divergence):
     Params = AklParams
     params: AklParams
     scratch_buffers = 2
+    compilable = False  # the head search grows its top-k in a data-dependent loop
     zero_mass_reason = (
         "its reverse-KL part KL(p_s || p_t) is infinite where the truncated teacher has no mass"
     )

@@ -157,6 +157,8 @@ class Divergence:
         "the tokens outside the top-K merged into one bucket)"
     )
     """Why ``missing_mass: zero`` is refused when :meth:`teacher_zeros_ok` is False."""
+    compilable: ClassVar[bool] = True
+    """Whether :meth:`value` can go through ``torch.compile`` (no data-dependent Python control flow)."""
 
     def __init__(self, params: DivergenceParams | None = None, **kwargs: Any) -> None:
         if params is not None and kwargs:
