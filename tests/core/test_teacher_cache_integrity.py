@@ -2,7 +2,7 @@
 damage (cut short, changed bytes even with the modification time put back, missing, another
 cache's shard, an unlisted one), the fast path hashes only what changed, a repair removes exactly
 the damaged shards, and a cache whose scored tokens differ from the sample's stops with the
-position and both tokens."""
+position and both tokens (the audit itself: test_teacher_audit.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from test_teacher_cache_store import build_store, collate, make_sample, sample_rows
 
 from kdcompose.errors import ConfigError
 from kdcompose.teachers import cache_integrity
-from kdcompose.teachers.audit import TeacherAlignmentError, first_difference
+from kdcompose.teachers.audit import TeacherAlignmentError
 from kdcompose.teachers.cache import (
     FORMAT,
     SampleRows,
@@ -281,22 +279,6 @@ def test_a_sample_whose_prompt_changed_is_named_with_where_its_cached_completion
     first = int(sample_rows(sample, 0, K).positions[0]) + 1
     assert f"the same completion (4 tokens) is, under key {key}" in message
     assert f"starts at token {first} of {len(sample['input_ids'])}, here at token {first + 2}" in message
-
-
-@given(
-    student=st.lists(st.integers(0, 3), max_size=8),
-    teacher=st.lists(st.integers(0, 3), max_size=8),
-)
-def test_first_difference_is_the_first_index_where_the_prefixes_part(
-    student: list[int], teacher: list[int]
-) -> None:
-    at = first_difference(student, teacher)
-    if at is None:
-        assert student == teacher
-    else:
-        assert student[:at] == teacher[:at]
-        assert at == min(len(student), len(teacher)) or student[at] != teacher[at]
-        assert student != teacher
 
 
 def test_manifest_json_is_plain(store: Path) -> None:

@@ -12,10 +12,18 @@ Pure functions on id lists; the tokenizer (any object with ``decode``) only rend
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
-__all__ = ["TeacherAlignmentError", "check_same_tokens", "first_difference", "token_text"]
+__all__ = [
+    "TeacherAlignmentError",
+    "check_same_tokens",
+    "check_served_tokens",
+    "first_difference",
+    "token_text",
+]
 
 
 class TeacherAlignmentError(RuntimeError):
@@ -85,3 +93,69 @@ def check_same_tokens(
         f"{lengths}: student {token_text(tokenizer, s)} vs teacher {token_text(tokenizer, t)}; {fix}"
     )
     raise TeacherAlignmentError(message, sample=sample, position=where, student=s, teacher=t)
+
+
+def check_served_tokens(
+    served: Sequence[Sequence[int] | None],
+    model_inputs: Mapping[str, Any],
+    *,
+    source: str,
+    fix: str,
+    tokenizer: Any = None,
+) -> None:
+    """The audit of a server's answers to one micro-batch: the ``prompt_token_ids`` it scored for
+    each request must equal that sample's unpadded ``input_ids`` (every position: each one's
+    distribution is conditioned on all before it). A packed batch (one row, several requests) is
+    compared as the concatenation of the requests. Raises :class:`TeacherAlignmentError`, naming
+    the sample's index in the micro-batch; an answer without token ids counts as a difference."""
+    from kdcompose.teachers.cache_keys import unpadded_positions
+
+    input_ids = model_inputs["input_ids"]
+    rows = [input_ids[b, real].tolist() for b, real in enumerate(unpadded_positions(model_inputs))]
+    for index, ids in enumerate(served):
+        if ids is None:
+            raise TeacherAlignmentError(
+                f"{source} answered sample {index} of the micro-batch without the token ids it scored "
+                "(prompt_token_ids), so its alignment with the student's tokens cannot be checked; "
+                "use a server that returns them (kdcompose serve-teacher, or vLLM / swift deploy of "
+                "ms-swift >= 4.6 asked with return_details)",
+                sample=f"sample {index}",
+                position=0,
+                student=None,
+                teacher=None,
+            )
+    answers = [list(ids or []) for ids in served]
+    if len(rows) == 1 and len(answers) > 1:  # padding-free: the requests packed into one row
+        teacher = [t for ids in answers for t in ids]
+        at = first_difference(rows[0], teacher)
+        if at is None:
+            return
+        ends = list(accumulate(len(ids) for ids in answers))
+        index = min(bisect_right(ends, at), len(answers) - 1)
+        begin = ends[index] - len(answers[index])
+        check_same_tokens(
+            rows[0][begin:],
+            teacher[begin:],
+            source=source,
+            sample=f"sample {index} of the micro-batch (packed)",
+            fix=fix,
+            tokenizer=tokenizer,
+        )
+        return
+    if len(served) != len(rows):
+        raise TeacherAlignmentError(
+            f"{source} answered {len(served)} samples for a micro-batch of {len(rows)}; {fix}",
+            sample="the micro-batch",
+            position=0,
+            student=None,
+            teacher=None,
+        )
+    for index, (student, teacher) in enumerate(zip(rows, answers, strict=True)):
+        check_same_tokens(
+            student,
+            teacher,
+            source=source,
+            sample=f"sample {index} of the micro-batch",
+            fix=fix,
+            tokenizer=tokenizer,
+        )

@@ -107,6 +107,8 @@ class RunTeachers:
         of a generation batch (ms-swift's request builder and assembler, so positions line up)."""
         from swift.rlhf_trainers.gkd_helpers import assemble_teacher_output, build_teacher_requests
 
+        from kdcompose.teachers.server_client import audit_answers  # the alignment audit
+
         wanted = self.servers_read(live)
         if not wanted:
             return
@@ -116,6 +118,7 @@ class RunTeachers:
             for name in wanted:
                 k = self.k[name]
                 parsed = self.servers[name].topk_logprobs(requests, k)
+                audit_answers(parsed, target, name=name, url=self.sources[name].location, template=template)
                 _check_lengths(name, self.sources[name].location, parsed, target)
                 out = assemble_teacher_output(
                     parsed,
