@@ -16,13 +16,13 @@ carries ``--samples`` image-caption samples, exactly as ms-swift's GKD trainer s
 because trainer ranks are: N threads of one Python process also compete for its GIL while they
 decode answers, which is the benchmark's cost, not the server's.
 
-Side by side: each round runs both modes back to back, in alternating order (serial first on
-even rounds, concurrent first on odd ones), so a change in the machine's load hits both; the
-speed-up is the median over rounds of that round's ``serial wall / concurrent wall``. Throughput
-columns = prompt positions scored (tokens - 1 per sample) / median wall time. Client time (JSON
-decode, checks) is included: it is what a trainer waits for. ``server CPU s`` is the server
-process's user + system CPU time for one round of that mode (median), read from ``/proc``: the
-work the server did, apart from the clients.
+Side by side: each round runs both modes twice, back to back, in ABBA order (serial, concurrent,
+concurrent, serial; BAAB on odd rounds), so a change in the machine's load hits both alike; the
+speed-up is the median over rounds of that round's ``serial wall / concurrent wall`` (sums of its
+two runs of each). Throughput columns = prompt positions scored (tokens - 1 per sample) / median
+wall time of a run. Client time (JSON decode, checks) is included: it is what a trainer waits
+for. ``server CPU s`` is the server process's user + system CPU time for one run of that mode
+(median), read from ``/proc``: the work the server did, apart from the clients.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from kdcompose.teachers.server_client import TeacherServerClient
 from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_gkd_args, tiny_run_env
 
 
-def _env() -> dict[str, str]:
+def _env(server_src: str | None = None) -> dict[str, str]:
     from kdcompose.compat.torchvision_ops import PTH_LINE, startup_hook_installed
 
     env = {**os.environ, **tiny_run_env()}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = server_src or str(Path(__file__).resolve().parents[1] / "src")
     paths = [src]
     if not startup_hook_installed():
         import tempfile
@@ -143,6 +143,13 @@ def main() -> int:
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--device", default=None, help="server device (default: cuda if available, else cpu)")
     ap.add_argument("--callers-as", choices=("processes", "threads"), default="processes")
+    ap.add_argument(
+        "--server-src",
+        default=None,
+        metavar="DIR",
+        help="the `src` folder whose kdcompose the server runs (default: this checkout's; e.g. an "
+        "older checkout's, to compare versions with the same benchmark)",
+    )
     args = ap.parse_args()
 
     import tempfile
@@ -160,7 +167,7 @@ def main() -> int:
         model_type=SWIFT_MODEL_TYPE["qwen2_vl"],
         template=SWIFT_TEMPLATE["qwen2_vl"],
         extra_args=extra,
-        env=_env(),
+        env=_env(args.server_src),
     ) as server:
         assert server.proc is not None
         pid = server.proc.pid
@@ -173,18 +180,21 @@ def main() -> int:
                 cpus: dict[str, list[float]] = {"serial": [], "concurrent": []}
                 ratios, positions = [], 0
                 for r in range(args.rounds):
-                    order = ("serial", "concurrent") if r % 2 == 0 else ("concurrent", "serial")
-                    for mode in order:
+                    pair = ("serial", "concurrent") if r % 2 == 0 else ("concurrent", "serial")
+                    spent = {"serial": 0.0, "concurrent": 0.0}
+                    for mode in (*pair, *reversed(pair)):  # ABBA: a steady drift in load cancels
                         wall, positions, cpu = callers.run(mode == "concurrent", pid)
                         walls[mode].append(wall)
                         cpus[mode].append(cpu)
-                    ratios.append(walls["serial"][-1] / walls["concurrent"][-1])
+                        spent[mode] += wall
+                    ratios.append(spent["serial"] / spent["concurrent"])
             finally:
                 callers.close()
             table.append((n, n * args.samples, positions, walls, cpus, ratios))
     print(
         f"\nTeacher server throughput (tiny Qwen2-VL teacher, K={args.k}, {args.samples} samples a call, "
-        f"callers as {args.callers_as}, {args.rounds} rounds, cpus={os.cpu_count()}, load average at the end "
+        f"callers as {args.callers_as}, server from {args.server_src or 'this checkout'}, "
+        f"{args.rounds} rounds, cpus={os.cpu_count()}, load average at the end "
         f"{os.getloadavg()[0]:.1f}; wall {time.perf_counter() - started:.0f} s)\n"
     )
     print(

@@ -17,8 +17,10 @@ Every error body is ``{"object": "error", "message": ...}`` as in ``swift deploy
 
 Batching: each ``/infer/`` call is parsed and encoded, then queued; the worker takes what is
 queued, waits up to ``batch_window_ms`` for more, and runs padded forwards of at most
-``max_batch_tokens`` (rows x longest row), then formats and serializes each call's answer.
-Concurrent callers therefore share forwards; one call's samples never get split across answers.
+``max_batch_tokens`` (rows x longest row), then formats and serializes each call's answer. Calls
+that arrived before a round started and are still being encoded join it (their encoding is queued
+ahead of the forward on the same thread, so waiting for them costs nothing). Concurrent callers
+therefore share forwards; one call's samples never get split across answers.
 
 One thread does all of that CPU work (parsing a body, encoding, forwards, formatting, JSON); the
 event loop only moves bytes. Why: the forward is a long chain of small torch operations, each
@@ -130,19 +132,43 @@ class _Batcher:
         self.model_name = model_name
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.forwards = 0
+        self._issued = 0
+        self._preparing: set[int] = set()
+        self._prepared = asyncio.Event()
+
+    def preparing(self) -> int:
+        """A call's body is about to be parsed and encoded: its ticket."""
+        self._issued += 1
+        self._preparing.add(self._issued)
+        return self._issued
+
+    def prepared(self, ticket: int) -> None:
+        """That call is queued as a job (or failed): call after ``queue.put``."""
+        self._preparing.discard(ticket)
+        self._prepared.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
+            earlier = self._issued
             deadline = loop.time() + self.limits.batch_window_ms / 1000
             while (timeout := deadline - loop.time()) > 0:
                 try:
                     jobs.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
+            # Calls that arrived before this round started are being encoded on the worker thread,
+            # ahead of this round's forward in its queue anyway: waiting for them costs nothing and
+            # lets them share the forward (later arrivals go to the next round: no starvation).
+            while any(ticket <= earlier for ticket in self._preparing):
+                self._prepared.clear()
+                await self._prepared.wait()
             while not self.queue.empty():  # everything already waiting joins this round
                 jobs.append(self.queue.get_nowait())
+            jobs = [job for job in jobs if not job.future.done()]  # a caller gone: nothing to score
+            if not jobs:
+                continue
             try:
                 results = await loop.run_in_executor(self.executor, self._score_jobs, jobs)
             except Exception as exc:  # a forward failure fails the jobs of this round, not the server
@@ -323,14 +349,17 @@ def create_app(
                 return _error(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
             chunks.append(chunk)
         loop = asyncio.get_running_loop()
+        ticket = batcher.preparing()
         try:
             encoded, k = await loop.run_in_executor(executor, _prepare, scorer, limits, b"".join(chunks))
+            if not encoded:
+                return JSONResponse([])
+            job = _Job(encoded, k, loop.create_future())
+            await batcher.queue.put(job)
         except RequestError as exc:
             return _error(exc.status, str(exc))
-        if not encoded:
-            return JSONResponse([])
-        job = _Job(encoded, k, loop.create_future())
-        await batcher.queue.put(job)
+        finally:
+            batcher.prepared(ticket)
         try:
             answer = await job.future
         except Exception as exc:

@@ -15,16 +15,15 @@ predicts token ``i`` (computed at position ``i - 1``). With ``K > 0`` it holds t
 like vLLM, the actual prompt token as a K+1-th entry when it is not among them; with ``K == 0``
 only the actual token (ms-swift's OPD-RL path reads exactly that).
 
-Cost: every prompt position needs vocabulary-sized work (the LM head, log-softmax, top-K; the
-actual token's rank when it is not among the top K), so the forward never builds the whole
-``[batch, tokens, vocab]`` logits tensor: the model runs up to its LM head (a tap on the head's
-input, :mod:`kdcompose.training.lm_head`, keeps the model's own forward: image embeddings,
-position ids), and the head is applied to each sample's real positions a few rows at a time
-(``SCORE_CHUNK_BYTES`` of float32 logits), padding excluded. The work then grows with the positions
-scored, not with the padded batch, and its buffers stay the same size whatever the batch, so
-a forward shared by concurrent calls costs no more per position than one call's own
-(docs/performance.md, teacher server). Models whose head is not a plain linear layer (logit
-soft-capping, scaling) fall back to the model's own logits.
+Cost: every prompt position needs vocabulary-sized work (the LM head, the log-sum-exp, the top-K;
+the actual token's rank), so the forward never builds the whole ``[batch, tokens, vocab]`` logits
+tensor: the model runs up to its LM head (a tap on the head's input, :mod:`kdcompose.training.lm_head`,
+keeps the model's own forward: image embeddings, position ids), and the real (unpadded) positions
+of every sample of the forward go through the head together, one vocabulary slice at a time
+(:func:`kdcompose.serve.head_topk.head_topk`): the head's weight is read once per forward, so
+samples that share a forward (concurrent calls) share that read, and padding costs nothing in the
+head. Models whose head is not a plain linear layer (logit soft-capping, scaling) fall back to
+the model's own logits, scored ``SCORE_CHUNK_BYTES`` of rows at a time.
 
 Loading (:meth:`TeacherScorer.load`) fails with :class:`TeacherLoadError`, whose message says what
 is wrong in the user's terms (no such model path, an unknown model type, no single template).
@@ -252,6 +251,7 @@ class TeacherScorer:
         import torch
         from swift.utils import to_device
 
+        from kdcompose.serve.head_topk import head_topk
         from kdcompose.training.lm_head import tap_lm_head
 
         with self._lock, torch.inference_mode():
@@ -262,27 +262,39 @@ class TeacherScorer:
             mask = collated.get("attention_mask")
             with tap_lm_head(self.model, hidden=self._head_tap, logits=not self._head_tap) as tap:
                 logits = self.model(**collated).logits
-            results = []
+            spans = []
             for row in range(len(batch)):
+                start = 0
                 if mask is not None:
                     positions = mask[row].nonzero().flatten()
                     start = int(positions[0]) if positions.numel() else 0
-                else:
-                    start = 0
-                length = batch[row].length
-                ids = input_ids[row, start : start + length]
-                if tap.hidden is not None:
-                    rows, head = tap.hidden[row, start : start + length - 1], tap.head
-                else:
-                    rows, head = logits[row, start : start + length - 1], None
-                results.append(self._format(ids, self._score_rows(rows, head, ids[1:], k), k))
-            return results
+                spans.append((row, start, batch[row].length))
+            ids = [input_ids[row, start : start + length] for row, start, length in spans]
+            if tap.hidden is not None:  # every scored position of the forward through the head at once
+                rows = torch.cat(
+                    [tap.hidden[row, start : start + length - 1] for row, start, length in spans]
+                )
+                head = tap.head
+                top_lp, top_ix, own, rank = head_topk(
+                    rows, head.weight, head.bias, torch.cat([i[1:] for i in ids]), k
+                )
+                parts = [length - 1 for _, _, length in spans]
+                scored = zip(
+                    *([t.tolist() for t in tensor.split(parts)] for tensor in (top_lp, top_ix, own, rank)),
+                    strict=True,
+                )
+            else:
+                scored = (
+                    self._score_rows(logits[row, start : start + length - 1], ids[n][1:], k)
+                    for n, (row, start, length) in enumerate(spans)
+                )
+            return [self._format(i, s, k) for i, s in zip(ids, scored, strict=True)]
 
     def _score_rows(
-        self, rows: Any, head: Any, targets: Any, k: int
+        self, rows: Any, targets: Any, k: int
     ) -> tuple[list[list[float]], list[list[int]], list[float], list[int]]:
         """Top-K log-probabilities and ids, the actual token's log-probability and rank, for each
-        row (hidden states through ``head``, or logits when ``head`` is None), a chunk at a time."""
+        row of logits (models whose head cannot be tapped), a chunk of rows at a time."""
         import torch
 
         vocab = int(self.vocab_size or 1)
@@ -293,7 +305,7 @@ class TeacherScorer:
         ranks: list[int] = []
         for begin in range(0, rows.shape[0], step):
             chunk = rows[begin : begin + step]
-            logprobs = torch.log_softmax((head(chunk) if head is not None else chunk).float(), dim=-1)
+            logprobs = torch.log_softmax(chunk.float(), dim=-1)
             want = targets[begin : begin + step]
             own = logprobs.gather(-1, want[:, None]).squeeze(-1)
             rank = torch.ones_like(want)
@@ -307,7 +319,7 @@ class TeacherScorer:
             else:
                 outside = torch.ones_like(want, dtype=torch.bool)
             if bool(outside.any()):  # the whole vocabulary only where it is not among the top K
-                rank[outside] = (logprobs[outside] > own[outside, None]).sum(-1) + 1
+                rank[outside] = (logprobs[outside] > own[outside, None]).sum(-1, dtype=torch.int32).long() + 1
             actual += own.tolist()
             ranks += rank.tolist()
         return top_lp, top_ix, actual, ranks

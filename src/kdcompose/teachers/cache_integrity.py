@@ -305,19 +305,19 @@ def issues_message(directory: str | os.PathLike[str], issues: Iterable[ShardIssu
     """One message naming the damaged shards (the first few) and the fix for each kind."""
     issues = list(issues)
     lines = [f"the teacher cache {directory} is damaged: {len(issues)} shard(s) cannot be used:"]
-    lines += [f"  - {i.describe()}" for i in issues[:_LISTED_IN_MESSAGE]]
+    lines += [f"    - {i.describe()}" for i in issues[:_LISTED_IN_MESSAGE]]
     if len(issues) > _LISTED_IN_MESSAGE:
-        lines.append(f"  - ... and {len(issues) - _LISTED_IN_MESSAGE} more")
+        lines.append(f"    - ... and {len(issues) - _LISTED_IN_MESSAGE} more")
     kinds = {i.kind for i in issues}
     if kinds & {"missing", "damaged", "unlisted"}:
         lost = sum(i.samples or 0 for i in issues if i.kind in ("missing", "damaged"))
         lines.append(
-            f"  fix: re-run `{rebuild}`: it checks every shard in full, removes the damaged ones and "
+            f"    fix: re-run `{rebuild}`: it checks every shard in full, removes the damaged ones and "
             f"recomputes only their samples ({lost} here)"
         )
     if "foreign" in kinds:
         names = ", ".join(i.name for i in issues if i.kind == "foreign")
-        lines.append(f"  fix: move {names} out of {directory}: not part of this cache")
+        lines.append(f"    fix: move {names} out of {directory}: not part of this cache")
     return "\n".join(lines)
 
 
