@@ -21,6 +21,8 @@ from kdcompose.teachers.cache import (
     SampleRows,
     TeacherCache,
     TeacherCacheError,
+    cache_identity,
+    summarize_records,
     write_manifest,
     write_shard,
 )
@@ -164,29 +166,46 @@ def _fake_teacher_logits(sample: dict, seed: int) -> torch.Tensor:
     return torch.randn(len(sample["input_ids"]), VOCAB, generator=g) * 3
 
 
+def sample_rows(sample: dict, seed: int, k: int) -> SampleRows:
+    """What the builder stores for one sample, from its fake teacher logits (seeded by `seed`)."""
+    key = sample_keys(collate([sample]))[0]
+    positions = labelled_positions(torch.tensor(sample["labels"]))
+    logprobs = torch.log_softmax(_fake_teacher_logits(sample, seed)[positions], dim=-1)
+    values, ids = teacher_topk(_fake_teacher_logits(sample, seed)[positions], k)
+    tokens = torch.tensor(sample["input_ids"])[positions + 1]
+    scored = logprobs.gather(-1, tokens[:, None] % VOCAB).squeeze(-1)  # fake logits: a small vocabulary
+    return SampleRows(key, len(sample["input_ids"]), positions, values, ids, tokens, scored)
+
+
+STORE_MANIFEST = {"format": FORMAT, "config": "/cfg.yaml", "tokenizer": {}, "template": {}}
+
+
 def build_store(
-    tmp_path: Path, samples: list[dict], k: int, dtype: str = "float32", per_shard: int = 2
+    tmp_path: Path,
+    samples: list[dict],
+    k: int,
+    dtype: str = "float32",
+    per_shard: int = 2,
+    rows: list[SampleRows] | None = None,
 ) -> Path:
-    """What the builder stores, from fake per-sample teacher logits (seeded by sample index)."""
+    """What the builder stores, from fake per-sample teacher logits (seeded by sample index);
+    `rows` replaces the computed rows (a store that holds something else)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, s in enumerate(samples):
-        key = sample_keys(collate([s]))[0]
-        positions = labelled_positions(torch.tensor(s["labels"]))
-        values, ids = teacher_topk(_fake_teacher_logits(s, i)[positions], k)
-        rows.append(SampleRows(key, len(s["input_ids"]), positions, values, ids))
+    rows = rows if rows is not None else [sample_rows(s, i, k) for i, s in enumerate(samples)]
+    manifest = {**STORE_MANIFEST, "topk": k, "dtype": dtype}
+    manifest["cache_id"] = cache_identity(manifest)
+    records = {}
     for n in range(0, len(rows), per_shard):
-        write_shard(
-            tmp_path / f"shard-r0-{n:05d}.safetensors",
+        name = f"shard-r0-{n:05d}.safetensors"
+        records[name] = write_shard(
+            tmp_path / name,
             rows[n : n + per_shard],
             topk=k,
             dtype=dtype,
             split="train",
+            cache_id=manifest["cache_id"],
         )
-    write_manifest(
-        tmp_path,
-        {"format": FORMAT, "topk": k, "dtype": dtype, "config": "/cfg.yaml", "tokenizer": {}, "template": {}},
-    )
+    write_manifest(tmp_path, {**manifest, **summarize_records(records)})
     return tmp_path
 
 
@@ -268,7 +287,8 @@ def test_not_a_cache_says_how_to_build_one(tmp_path: Path) -> None:
 
 
 def test_size_per_position_is_within_6k_plus_32_bytes(tmp_path: Path) -> None:
-    """K = 64, float16, 256 samples of 40 labelled positions in one shard (the default shard size)."""
+    """K = 64, float16, 256 samples of 40 labelled positions in one shard (the default shard size),
+    with the scored token and its log-probability per position (6K + 10 bytes of payload)."""
     k, n_samples, n_pos = 64, 256, 40
     g = torch.Generator().manual_seed(0)
     rows = [
@@ -278,11 +298,13 @@ def test_size_per_position_is_within_6k_plus_32_bytes(tmp_path: Path) -> None:
             torch.arange(50, 50 + n_pos),
             -torch.rand(n_pos, k, generator=g).sort(dim=-1).values,
             torch.randint(0, 151936, (n_pos, k), generator=g),
+            torch.randint(0, 151936, (n_pos,), generator=g),
+            -torch.rand(n_pos, generator=g),
         )
         for i in range(n_samples)
     ]
     path = tmp_path / "shard-r0-00000.safetensors"
-    write_shard(path, rows, topk=k, dtype="float16", split="train")
+    write_shard(path, rows, topk=k, dtype="float16", split="train", cache_id="0" * 32)
     per_position = path.stat().st_size / (n_samples * n_pos)
     assert per_position <= 6 * k + 32
     assert per_position >= 6 * k  # the payload itself is stored, not compressed away

@@ -5,21 +5,36 @@ GKD trainer's `_prepare_inputs`, exactly what `compute_loss` receives), `cache.b
 must equal the top-K of the teacher's own logits on that batch. That can only hold if the
 builder encoded every sample exactly as training does (template, images, labels) and the keys
 found the rows whatever the batch composition.
+
+The same build also serves the integrity checks: a copy of it with a shard cut short, one with
+flipped bytes, one deleted and another cache's shard added must be refused by `kdcompose
+validate` and by `kdcompose train` before any model loads, and a re-run of the builder must
+recompute exactly the damaged shards' samples (counted at the teacher's forward).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from swift_support import kdcompose_command, run_command, sections, shared_trainer, write_config
+from swift_support import (
+    ForwardCounter,
+    kdcompose_command,
+    run_command,
+    sections,
+    shared_trainer,
+    write_config,
+)
 
 from kdcompose.functional import teacher_topk
-from kdcompose.teachers.cache import TeacherCache
+from kdcompose.teachers.cache import TeacherCache, summarize_records, write_manifest
+from kdcompose.teachers.cache_keys import sample_keys, unpadded_positions
 
 pytestmark = [
     pytest.mark.swift,
@@ -54,9 +69,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"config": config, "out": out, "stdout": result.stdout, "tmp": tmp}
 
 
+@pytest.fixture(scope="module")
+def pipeline(built: dict[str, Any]) -> Any:
+    """The config's teacher, template and data loaded once for every in-process build below."""
+    from kdcompose.teachers.cache_build import open_pipeline
+
+    return open_pipeline(built["config"])
+
+
 def test_cli_builds_a_cache_with_its_manifest(built: dict[str, Any]) -> None:
+    from kdcompose.teachers.cache_integrity import file_checksum, read_stamps
+
     manifest = json.loads((built["out"] / "manifest.json").read_text())
-    assert manifest["format"] == "kdcompose-teacher-cache/1" and manifest["complete"] is True
+    assert manifest["format"] == "kdcompose-teacher-cache/2" and manifest["complete"] is True
     assert manifest["topk"] == K and manifest["dtype"] == "float32" and manifest["vocab_size"] == 151936
     assert manifest["num_samples"] == N_SAMPLES and manifest["splits"]["train"]["samples"] == N_SAMPLES
     assert manifest["config"] == str(built["config"].resolve())
@@ -65,32 +90,133 @@ def test_cli_builds_a_cache_with_its_manifest(built: dict[str, Any]) -> None:
         assert len(manifest[part]["fingerprint"]) == 32
     assert len(manifest["shards"]) == N_SAMPLES // PER_SHARD
     assert manifest["bytes"] == sum(p.stat().st_size for p in built["out"].glob("shard-*.safetensors"))
+    stamps = read_stamps(built["out"])  # the builder marked what it wrote as verified
+    for name, record in manifest["shards"].items():
+        assert record["xxh3_128"] == file_checksum(built["out"] / name) == stamps[name][-1]
+        assert record["samples"] == PER_SHARD
     cache = TeacherCache.open(built["out"])
     assert len(cache) == N_SAMPLES and cache.positions() == manifest["num_positions"] > N_SAMPLES
     assert f"{N_SAMPLES} samples" in built["stdout"]
 
 
-def test_rerun_resumes_and_rebuilds_only_a_deleted_shard(built: dict[str, Any]) -> None:
-    from kdcompose.teachers.cache_build import build_cache
-
-    out: Path = built["out"]
-    options = {"dtype": "float32", "samples_per_shard": PER_SHARD, "progress": False}
-    again = build_cache(built["config"], out, **options)
-    assert again["last_build"]["added_samples"] == 0 and again["num_samples"] == N_SAMPLES
+def _damage(out: Path, foreign: Path) -> dict[str, str]:
+    """Cut shard 0 short, flip a byte in shard 1's data (modification time put back), delete
+    shard 2 and copy in a shard of another cache; returns what each one became."""
+    from kdcompose.teachers.cache_integrity import read_header
 
     shards = sorted(out.glob("shard-*.safetensors"))
-    kept = {p.name: p.read_bytes() for p in shards if p != shards[1]}
-    lost = set(TeacherCache.open(out).keys())
-    shards[1].unlink()
-    lost -= set(TeacherCache.open(out).keys())
-    assert len(lost) == PER_SHARD
-    rebuilt = build_cache(built["config"], out, **options)
-    assert rebuilt["last_build"]["added_samples"] == PER_SHARD and rebuilt["num_samples"] == N_SAMPLES
-    assert {name: (out / name).read_bytes() for name in kept} == kept  # untouched
-    new = [p for p in out.glob("shard-*.safetensors") if p.name not in kept]
-    assert len(new) == 1
-    cache = TeacherCache.open(out)
-    assert lost <= set(cache.keys()) and len(cache) == N_SAMPLES
+    with shards[0].open("r+b") as f:
+        f.truncate(shards[0].stat().st_size // 2)
+    stat = shards[1].stat()
+    at = (read_header(shards[1]).data_start + stat.st_size) // 2
+    raw = bytearray(shards[1].read_bytes())
+    raw[at] ^= 0x04
+    shards[1].write_bytes(bytes(raw))
+    os.utime(shards[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shards[2].unlink()
+    shutil.copy(next(foreign.glob("shard-*.safetensors")), out / "shard-r7-00000.safetensors")
+    return {
+        shards[0].name: "damaged",
+        shards[1].name: "damaged",
+        shards[2].name: "missing",
+        "shard-r7-00000.safetensors": "foreign",
+    }
+
+
+@pytest.fixture(scope="module")
+def cache16(built: dict[str, Any], pipeline: Any) -> Path:
+    """A float16 build of the same config (another cache: its shards are foreign to the float32 one)."""
+    from kdcompose.teachers.cache_build import build_cache
+
+    out = built["tmp"] / "cache16"
+    build_cache(built["config"], out, dtype="float16", progress=False, pipeline=pipeline)
+    return out
+
+
+@pytest.fixture(scope="module")
+def damaged(built: dict[str, Any], cache16: Path) -> dict[str, Any]:
+    out = built["tmp"] / "damaged"
+    shutil.copytree(built["out"], out)
+    return {"out": out, "kinds": _damage(out, cache16)}
+
+
+def test_validate_and_train_refuse_a_damaged_cache_before_any_model_loads(
+    built: dict[str, Any],
+    damaged: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from transformers import PreTrainedModel
+
+    from kdcompose.cli import main
+
+    loaded: list[str] = []
+
+    def no_model(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded.append(cls.__name__)
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_model))
+    rlhf = {"gkd_logits_topk": K, "teacher_cache": str(damaged["out"])}
+    config = write_config(
+        built["tmp"] / "damaged.yaml",
+        sections(built["tmp"] / "damaged-run", rlhf=rlhf, teacher_model="/nonexistent/teacher", max_steps=1),
+    )
+    for command in ("validate", "train"):
+        assert main([command, str(config)]) == 2, command
+        err = capsys.readouterr().err
+        assert "rlhf.teacher_cache" in err and "Traceback" not in err
+        for name, kind in damaged["kinds"].items():
+            assert f"{name}" in err and kind in err.split(name, 1)[1].split("\n", 1)[0], (name, err)
+        assert "cut short" in err and "checksum differs" in err
+        assert (
+            f"fix: re-run `kdcompose teacher-cache {built['config'].resolve()} --out {damaged['out']}" in err
+        )
+        assert "recomputes only their samples (24 here)" in err
+        assert f"move shard-r7-00000.safetensors out of {damaged['out']}" in err
+    assert loaded == []
+
+
+def test_rerun_repairs_exactly_the_damaged_shards(
+    built: dict[str, Any], damaged: dict[str, Any], pipeline: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs after the refusal test (it repairs the `damaged` copy)."""
+    from kdcompose.cli import main
+    from kdcompose.errors import ConfigError
+    from kdcompose.teachers.cache_build import build_cache
+
+    out: Path = damaged["out"]
+    options = {"dtype": "float32", "samples_per_shard": PER_SHARD, "progress": False, "pipeline": pipeline}
+    with pytest.raises(ConfigError, match=r"shard-r7-00000\.safetensors") as info:
+        build_cache(built["config"], out, **options)
+    assert info.value.issues[0].path == "--out" and "another cache" in str(info.value)
+    assert len(list(out.glob("shard-*.safetensors"))) == 4  # nothing removed while refusing
+    (out / "shard-r7-00000.safetensors").unlink()  # the user moves the foreign shard out
+
+    intact = sorted(built["out"].glob("shard-*.safetensors"))[3].name
+    kept = (out / intact).read_bytes()
+    with ForwardCounter(pipeline.teacher) as forwards:
+        repaired = build_cache(built["config"], out, **options)
+    last = repaired["last_build"]
+    lost = [n for n, kind in damaged["kinds"].items() if kind != "foreign"]
+    assert last["added_samples"] == 3 * PER_SHARD and repaired["num_samples"] == N_SAMPLES
+    assert last["repaired"]["removed"] == sorted(lost[:2]) and last["repaired"]["missing"] == [lost[2]]
+    batch = int(pipeline.args.per_device_train_batch_size)
+    assert forwards.calls == 3 * PER_SHARD // batch  # the teacher ran for those samples only
+    assert (out / intact).read_bytes() == kept
+    again = build_cache(built["config"], out, **options)
+    assert again["last_build"]["added_samples"] == 0 and "repaired" not in again["last_build"]
+    one, two = TeacherCache.open(built["out"]), TeacherCache.open(out)
+    assert set(one.keys()) == set(two.keys())
+    for key in one:
+        a, b = one.rows(key), two.rows(key)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.tokens, b.tokens)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    config = write_config(
+        built["tmp"] / "repaired.yaml",
+        sections(built["tmp"] / "run", rlhf={"gkd_logits_topk": K, "teacher_cache": str(out)}),
+    )
+    assert main(["validate", str(config)]) == 0, capsys.readouterr().err
 
 
 def _training_batches(trainer: Any, n: int) -> list[dict[str, Any]]:
@@ -139,6 +265,16 @@ def _assert_matches_live(
         ties = (want_v[..., 1:] - want_v[..., :-1]).abs().min(dim=-1).values < 1e-4
         clear = trained & ~ties
         assert torch.equal(cached_i[clear], want_i[clear])
+        # the audit passed (batch_topk compares them); the stored scored tokens and their log-probs
+        keys = sample_keys(model_inputs)
+        for b, real in enumerate(unpadded_positions(model_inputs)):
+            rows = cache.rows(keys[b])
+            at = real[rows.positions.long()]
+            assert torch.equal(
+                rows.tokens.long(), model_inputs["input_ids"][b, real[rows.positions.long() + 1]]
+            )
+            scored = live[b, at].gather(-1, rows.tokens.long()[:, None]).squeeze(-1)
+            assert torch.allclose(rows.token_logprobs.float(), scored, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +296,10 @@ def test_batch_topk_equals_the_live_teacher_on_training_batches(
 
 
 def test_float16_cache_within_rounding_and_size_bound(
-    built: dict[str, Any], trainer_batches: tuple[Any, list[dict[str, Any]]]
+    cache16: Path, trainer_batches: tuple[Any, list[dict[str, Any]]]
 ) -> None:
-    from kdcompose.teachers.cache_build import build_cache
-
-    out = built["tmp"] / "cache16"
-    manifest = build_cache(built["config"], out, dtype="float16", progress=False)
+    out = cache16
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dtype"] == "float16" and manifest["num_samples"] == N_SAMPLES
     assert manifest["bytes"] / manifest["num_positions"] <= 6 * K + 32
     trainer, batches = trainer_batches
@@ -195,8 +329,10 @@ def test_missing_sample_error_names_it_and_the_command(
     trainer, batches = trainer_batches
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("manifest.json", "shard-r0-00000.safetensors"):
-        (partial / name).write_bytes((built["out"] / name).read_bytes())
+    first = "shard-r0-00000.safetensors"
+    (partial / first).write_bytes((built["out"] / first).read_bytes())
+    manifest = json.loads((built["out"] / "manifest.json").read_text())
+    write_manifest(partial, {**manifest, **summarize_records({first: manifest["shards"][first]})})
     cache = TeacherCache.open(partial)
     cache.check(tokenizer=trainer.template.tokenizer)
     missing = next(b for b in batches if any(k not in cache for k in _keys(b)))
@@ -206,8 +342,6 @@ def test_missing_sample_error_names_it_and_the_command(
 
 
 def _keys(model_inputs: dict[str, Any]) -> list[str]:
-    from kdcompose.teachers.cache_keys import sample_keys
-
     return sample_keys(model_inputs)
 
 

@@ -3,6 +3,14 @@
 The oracle for the served numbers is the local teacher loaded by ms-swift, the sample encoded by
 ms-swift's template in the trainer's mode, one unbatched forward, log_softmax, top-k — what the
 stock trainer's local-teacher path computes.
+
+The shared server is started the way the issue found broken: `--model-type qwen2_vl` and no
+`--template` (ms-swift matches both `qwen2_vl` and `qvq` for a local folder); it must pick the
+type's own template, which the oracle comparison then confirms. Next to it, servers that cannot
+load (no such model folder, an unknown model type) must exit non-zero with the reason and no
+traceback. The alignment audit runs against the real server: its scored tokens equal the
+trainer-side encoding, and an encoding with another system prompt is named at its first
+differing token.
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ from swift_support import subprocess_env
 
 from kdcompose.compat.swift_teacher_client import install_vllm_free_teacher_client
 from kdcompose.serve.process import ServerProcess, free_port
+from kdcompose.teachers.audit import TeacherAlignmentError, first_difference, token_text
 from kdcompose.teachers.server_client import (
+    ScoredPrompt,
     TeacherResponseError,
     TeacherServerClient,
     TeacherServerError,
     TeacherServerUnavailable,
     VLLMFreeInferClient,
+    audit_answers,
     parse_prompt_logprobs,
 )
 from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_gkd_args
@@ -48,12 +59,9 @@ def server(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
     env = subprocess_env(tmp_path_factory.mktemp("env"))
     extra = ["--api-key", KEY, "--max-logprobs", str(MAX_LOGPROBS), "--max-requests", str(MAX_REQUESTS)]
     extra += ["--max-body-bytes", str(2**20), "--max-tokens-per-request", "4096", "--torch-dtype", "float32"]
+    assert SWIFT_TEMPLATE["qwen2_vl"] == SWIFT_MODEL_TYPE["qwen2_vl"] == "qwen2_vl"
     with ServerProcess(
-        model=tiny["teacher_model"],
-        model_type=SWIFT_MODEL_TYPE["qwen2_vl"],
-        template=SWIFT_TEMPLATE["qwen2_vl"],
-        extra_args=extra,
-        env=env,
+        model=tiny["teacher_model"], model_type="qwen2_vl", template=None, extra_args=extra, env=env
     ) as proc:
         yield proc
 
@@ -99,6 +107,24 @@ def local_topk(tiny: dict[str, Any], samples: list[dict[str, Any]]) -> list[tupl
     return out
 
 
+@pytest.fixture(scope="module")
+def encodings(tiny: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The samples encoded trainer-side by the qwen2_vl template, as is and with a system prompt
+    the server does not know about (a tokenization that differs on purpose)."""
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    _, processor = get_model_processor(tiny["teacher_model"], model_type="qwen2_vl", load_model=False)
+    out: dict[str, Any] = {}
+    for name, system in (("same", None), ("other", "You are a pirate.")):
+        template = get_template(processor, template_type="qwen2_vl", max_length=None, default_system=system)
+        template.set_mode("train")
+        ids = [template.encode(copy.deepcopy(sample))["input_ids"] for sample in samples]
+        out[name] = ids
+        out["template"] = template
+    return out
+
+
 def _client(server: ServerProcess, **kw: Any) -> TeacherServerClient:
     return TeacherServerClient(server.url, api_key=KEY, wait_s=30, **kw)
 
@@ -107,6 +133,31 @@ def test_health_is_503_while_loading_then_200(server: ServerProcess) -> None:
     assert server.health_statuses[-1] == 200
     assert 503 in server.health_statuses  # the model loads after the port opens
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200  # no key needed
+    # no --template: ms-swift finds qwen2_vl and qvq for this folder; the type's own is served
+    assert "ready (model " in server.log_tail() and "template qwen2_vl)" in server.log_tail()
+
+
+@pytest.mark.parametrize(
+    ("model", "model_type", "reason"),
+    [
+        ("/nonexistent/teacher", "qwen2_vl", "--model '/nonexistent/teacher': no such directory"),
+        (None, "qwen2_vll", "--model-type 'qwen2_vll' is not an ms-swift model type; closest: qwen2_vl"),
+    ],
+    ids=["no-such-model", "unknown-model-type"],
+)
+def test_a_teacher_that_cannot_load_exits_non_zero_with_the_reason(
+    tiny: dict[str, Any], tmp_path: Path, model: str | None, model_type: str, reason: str
+) -> None:
+    process = ServerProcess(
+        model=model or tiny["teacher_model"],
+        model_type=model_type,
+        env=subprocess_env(tmp_path),
+        ready_timeout_s=120,
+    )
+    with pytest.raises(RuntimeError, match="teacher server exited with 1") as info:
+        process.start()
+    assert reason in str(info.value) and "Traceback" not in process.log_tail(20000)
+    process.log_path.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("k", [8, MAX_LOGPROBS])
@@ -142,6 +193,36 @@ def test_infer_returns_ms_swift_responses_with_the_vllm_layout(server, samples, 
         lps, ixs = swift_parse(response, topk=4)  # ms-swift's own parser drops the extra entry
         assert ixs == ids[:, :4].tolist()
         assert lps == parse_prompt_logprobs(response.prompt_logprobs, 4)[0]
+
+
+def test_served_tokens_pass_the_audit_and_another_encoding_is_named(server, samples, encodings) -> None:
+    import torch
+
+    parsed = _client(server).topk_logprobs(samples, 4)
+    assert all(isinstance(p, ScoredPrompt) for p in parsed)
+    assert [p.prompt_token_ids for p in parsed] == [list(ids) for ids in encodings["same"]]
+
+    def batch(rows: list[list[int]]) -> dict[str, Any]:  # left padding, as the collator pads
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r)) + list(r) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    template = encodings["template"]
+    audit_answers(parsed, batch(encodings["same"]), name="t", url=server.url, template=template)
+    with pytest.raises(TeacherAlignmentError) as info:
+        audit_answers(parsed, batch(encodings["other"]), name="t", url=server.url, template=template)
+    student, teacher = list(encodings["other"][0]), parsed[0].prompt_token_ids
+    at = first_difference(student, teacher)
+    assert at is not None and info.value.position == at and info.value.sample == "sample 0 of the micro-batch"
+    message = str(info.value)
+    assert f"teacher 't' ({server.url}) scored other tokens" in message and f"position {at}" in message
+    assert f"student {token_text(template.tokenizer, student[at])}" in message
+    assert f"vs teacher {token_text(template.tokenizer, teacher[at])}" in message
+    assert "--template qwen2_vl" in message
+    short = [ScoredPrompt(p[0], p[1], p.prompt_token_ids[:-2]) for p in parsed]
+    with pytest.raises(TeacherAlignmentError, match="the student has"):
+        audit_answers(short, batch(encodings["same"]), name="t", url=server.url, template=template)
 
 
 def test_k0_returns_the_actual_token_only(server, samples) -> None:

@@ -132,9 +132,12 @@ class TeacherProvider:
     prefetches: ClassVar[bool] = False
     """True when the source is asked once per generation batch (`fetch`), not per micro-batch."""
 
-    def fetch(self, requests: Sequence[Any], lengths: Sequence[int], k: int) -> list[Any]:
+    def fetch(
+        self, requests: Sequence[Any], model_inputs: Mapping[str, Any], k: int, template: Any
+    ) -> list[Any]:
         """A prefetching source's answer for one micro-batch: `requests` (one per sample, as the
-        framework builds them), `lengths` (each sample's tokens, to check the answer covers them)."""
+        framework builds them), `model_inputs` (the teacher's view of the micro-batch, which the
+        answer must cover token for token), `template` (the run's, to name the fix)."""
         raise NotImplementedError(f"a {self.kind} teacher is not asked ahead of the micro-batch")
 
     def topk(

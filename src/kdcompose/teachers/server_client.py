@@ -14,7 +14,11 @@ Two ways in:
 
 - Standalone: ``TeacherServerClient(url, api_key=None).topk_logprobs(infer_requests, k)`` returns,
   per request, ``(logprobs, token_ids)``: ``[positions][k]`` lists, exactly what ms-swift's
-  ``parse_prompt_logprobs`` returns (top-k by log-prob; vLLM's extra actual-token entry dropped).
+  ``parse_prompt_logprobs`` returns (top-k by log-prob; vLLM's extra actual-token entry dropped),
+  as a :class:`ScoredPrompt` whose ``prompt_token_ids`` are the tokens the server scored (what
+  the alignment audit, :func:`kdcompose.teachers.audit.check_served_tokens`, compares with the
+  student's; ``kdcompose serve-teacher``, vLLM and ``swift deploy`` send them when asked with
+  ``return_details``, which this client always does).
 - Inside ms-swift's stock trainer: ``kdcompose.compat.swift_teacher_client``'s
   ``install_vllm_free_teacher_client`` (only when vLLM is not importable) makes
   ``RolloutTrainerMixin._setup_teacher`` construct :class:`VLLMFreeInferClient`, which has
@@ -58,6 +62,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WAIT_S",
+    "ScoredPrompt",
     "TeacherResponseError",
     "TeacherServerClient",
     "TeacherServerError",
@@ -77,6 +82,24 @@ ENV_BACKOFF = "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S"
 ENV_API_KEY = "KDCOMPOSE_TEACHER_SERVER_API_KEY"
 
 Parsed = tuple[list[list[float]], list[list[int]]]
+
+
+class ScoredPrompt(tuple):
+    """``(logprobs, token_ids)`` of one request, as ms-swift's parser returns them (it unpacks and
+    assembles like a plain pair), plus ``prompt_token_ids``: every token the server scored, in
+    order (None when the server did not send them)."""
+
+    prompt_token_ids: list[int] | None
+
+    def __new__(
+        cls, logprobs: list[list[float]], token_ids: list[list[int]], prompt_token_ids: list[int] | None
+    ) -> ScoredPrompt:
+        scored = super().__new__(cls, (logprobs, token_ids))
+        scored.prompt_token_ids = prompt_token_ids
+        return scored
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across ranks (ms-swift broadcasts answers)
+        return (ScoredPrompt, (self[0], self[1], self.prompt_token_ids))
 
 
 class TeacherServerError(RuntimeError):
@@ -362,15 +385,19 @@ class TeacherServerClient:
                 out.append(ChatCompletionResponse(**item))
         return out
 
-    def topk_logprobs(self, infer_requests: Sequence[Any], k: int) -> list[Parsed]:
-        """Per request ``(logprobs, token_ids)`` ``[positions][k]`` — the teacher's top-k prompt log-probs."""
+    def topk_logprobs(self, infer_requests: Sequence[Any], k: int) -> list[ScoredPrompt]:
+        """Per request ``(logprobs, token_ids)`` ``[positions][k]`` — the teacher's top-k prompt
+        log-probs — with the ``prompt_token_ids`` it scored (:class:`ScoredPrompt`)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k={k!r}: expected an integer >= 0")
         config = {"prompt_logprobs": k, "max_tokens": 1, "temperature": 0.0}
-        return [
-            parse_prompt_logprobs(item.get("prompt_logprobs"), k)
-            for item in self.infer_raw(infer_requests, config)
-        ]
+        out = []
+        for item in self.infer_raw(infer_requests, config):
+            item = item["response"] if "response" in item and "prompt_logprobs" not in item else item
+            ids = item.get("prompt_token_ids")
+            scored = [int(i) for i in ids] if isinstance(ids, list) else None
+            out.append(ScoredPrompt(*parse_prompt_logprobs(item.get("prompt_logprobs"), k), scored))
+        return out
 
 
 def _message(response: Any) -> str:
@@ -433,3 +460,27 @@ class VLLMFreeInferClient:
             if chunk:
                 out.extend(client.infer(chunk, request_config, use_tqdm=use_tqdm))
         return out
+
+
+def audit_answers(
+    parsed: Sequence[Any], model_inputs: Mapping[str, Any], *, name: str, url: str, template: Any = None
+) -> None:
+    """The alignment audit of one micro-batch's answers from a server (see
+    :func:`kdcompose.teachers.audit.check_served_tokens`): the tokens it scored must be the ones
+    the trainer encoded for the same samples (``model_inputs``, the teacher's view of the batch),
+    else :class:`~kdcompose.teachers.audit.TeacherAlignmentError` names the sample, the first
+    differing position and both tokens, and says how to start the server to match."""
+    from kdcompose.teachers.audit import check_served_tokens
+
+    template_type = getattr(getattr(template, "template_meta", None), "template_type", None)
+    flag = f"--template {template_type}" if template_type else "the run's --template"
+    check_served_tokens(
+        [getattr(p, "prompt_token_ids", None) for p in parsed],
+        model_inputs,
+        source=f"teacher {name!r} ({url})" if name else f"the teacher server {url}",
+        tokenizer=getattr(template, "tokenizer", None),
+        fix=(
+            "the server encodes the conversation differently from the trainer (another template, system "
+            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and {flag}"
+        ),
+    )

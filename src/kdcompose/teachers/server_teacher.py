@@ -13,7 +13,7 @@ timeout (when ranks sit on other nodes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,23 @@ class ServerTeacher(TeacherProvider):
         self.client = TeacherServerClient(self.source.location)
         return []
 
-    def fetch(self, requests: Sequence[Any], lengths: Sequence[int], k: int) -> list[Any]:
-        """The server's top-`k` answer for one micro-batch, checked to cover every sample's tokens."""
+    def fetch(
+        self, requests: Sequence[Any], model_inputs: Mapping[str, Any], k: int, template: Any
+    ) -> list[Any]:
+        """The server's top-`k` answer for one micro-batch, checked to score exactly the tokens the
+        trainer encoded (the alignment audit) and to cover every sample's positions: ms-swift's
+        assembler would quietly use the shorter of the two, training on a misaligned teacher."""
+        from kdcompose.teachers.server_client import audit_answers
+
         parsed = self.client.topk_logprobs(list(requests), k)
         name, url = self.source.name, self.source.location
+        audit_answers(parsed, model_inputs, name=name, url=url, template=template)
+        mask = model_inputs.get("attention_mask")
+        lengths = (
+            mask.sum(dim=-1).tolist()
+            if mask is not None
+            else [model_inputs["input_ids"].shape[-1]] * len(parsed)
+        )
         if len(parsed) != len(lengths):
             raise TeacherResponseShort(
                 f"teacher {name!r} ({url}) answered {len(parsed)} samples for a micro-batch of {len(lengths)}"

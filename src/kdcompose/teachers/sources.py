@@ -149,8 +149,10 @@ def cache_issues(sources: Mapping[str, TeacherSource], composer: Any) -> list[Co
 
 
 def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIssue]:
-    """A missing cache, or top-k terms asking for more tokens than it holds (read from its manifest)."""
-    from kdcompose.teachers.cache import TeacherCacheError, read_manifest
+    """A missing cache, an old format or a missing / damaged / foreign shard (checksums:
+    `kdcompose.teachers.cache.integrity_problem`), or top-k terms asking for more tokens than it
+    holds (read from its manifest)."""
+    from kdcompose.teachers.cache import TeacherCacheError, integrity_problem, read_manifest
 
     try:
         manifest = read_manifest(source.location)
@@ -163,7 +165,8 @@ def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIs
             )
         ]
     cached_k = manifest.get("topk")
-    issues = []
+    problem = integrity_problem(source.location, manifest)
+    issues = [] if problem is None else [ConfigIssue(source.origin, problem)]
     for term in composer.active_terms:
         for request in term.needs.teacher_topk:
             if request.teacher != source.name or not isinstance(cached_k, int) or request.k <= cached_k:

@@ -96,15 +96,9 @@ class RunTeachers:
         for chunk, samples in zip(chunks, chunk_samples, strict=True):
             requests = build_teacher_requests(samples, template)
             target = chunk["teacher_model_inputs"]
-            mask = target.get("attention_mask")
-            lengths = (
-                mask.sum(dim=-1).tolist()
-                if mask is not None
-                else [target["input_ids"].shape[-1]] * len(samples)
-            )
             for name in wanted:
                 k = self.k[name]
-                answer = self.providers[name].fetch(requests, lengths, k)
+                answer = self.providers[name].fetch(requests, target, k, template)
                 out = assemble_teacher_output(
                     answer,
                     teacher_model_inputs=target,
