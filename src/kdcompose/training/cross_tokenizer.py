@@ -29,7 +29,9 @@ from kdcompose.defaults import IGNORE_INDEX
 from kdcompose.errors import ConfigIssue
 from kdcompose.functional.cross_tokenizer import AlignedBatch, TeacherLogits, TeacherTopK
 from kdcompose.teachers.alignment import (
+    AlignedGroup,
     AlignmentError,
+    TokenAlignment,
     TokenTable,
     VocabMapping,
     align_token_ids,
@@ -238,6 +240,9 @@ def align_completions(
         )
     alignments = []
     for index, (s_ids, t_ids) in enumerate(zip(student, teacher_ids, strict=True)):
+        if teacher.identical and list(s_ids) == list(t_ids):
+            alignments.append(_identity(teacher.student, s_ids))
+            continue
         try:
             alignments.append(align_token_ids(teacher.student, s_ids, teacher.teacher, t_ids))
         except AlignmentError as error:
@@ -246,6 +251,17 @@ def align_completions(
                 f"encoding of it do not spell the same text: {error}"
             ) from None
     return AlignedBatch.from_alignments(alignments, teacher.vocab, device=device)
+
+
+def _identity(table: TokenTable, ids: Sequence[int]) -> TokenAlignment:
+    """The alignment of a completion with itself under one tokenizer: a group per token (what
+    `align_token_ids` finds; also for ids of the LM head's padding rows, which spell nothing)."""
+    ids = tuple(int(i) for i in ids)
+    groups = tuple(
+        AlignedGroup((p,), (p,), table.pieces[i] if i < table.size else b"", i in table.special)
+        for p, i in enumerate(ids)
+    )
+    return TokenAlignment(ids, ids, groups)
 
 
 def aligned_from_logits(
