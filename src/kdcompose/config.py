@@ -3,8 +3,8 @@
 Layout (DESIGN.md "Contract"): sections `model`, `template`, `data`, `tuner`, `training`,
 `rlhf`, `custom` hold ms-swift argument names; the sections are for readability, so an
 argument may sit in any of them, but the same key in two sections is an error. kdcompose's
-own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight`, `rlhf.teacher_cache`, `rlhf.teachers`
-and `custom.visual_kd`, plus a
+own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight`, `rlhf.teacher_cache`, `rlhf.teachers`,
+`rlhf.teacher_template` and `custom.visual_kd`, plus a
 top-level `plugins:` list of modules (or .py files) that register custom terms — the only
 way besides the `kdcompose.terms` entry-point group that a config can bring in code.
 Checking argument names against ms-swift happens in the launcher (it needs ms-swift);
@@ -42,6 +42,7 @@ OWN_KEYS: dict[str, str] = {
     "visual_kd": "custom",
     "teacher_cache": "rlhf",
     "teachers": "rlhf",
+    "teacher_template": "rlhf",
 }
 """kdcompose's own keys and the section each must live in."""
 
@@ -59,6 +60,10 @@ class KDConfig:
     source: str | None = None
     teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
     """Teachers that are caches or servers, by name (`""`: the default teacher)."""
+    teacher_template: str | None = None
+    """`rlhf.teacher_template`: the ms-swift template the local teacher encodes samples with when
+    its tokenizer differs from the student's (like ms-swift's `reward_template`); None: the
+    teacher model type's own (docs/cross_tokenizer.md)."""
 
     @cached_property
     def composer(self) -> LossComposer:
@@ -200,6 +205,14 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     teachers = parse_sources(
         own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues, base_dir
     )
+    teacher_template = own.get("teacher_template")
+    if teacher_template is not None and (not isinstance(teacher_template, str) or not teacher_template):
+        issues.append(
+            ConfigIssue(
+                "rlhf.teacher_template",
+                "must be an ms-swift template name (the one the teacher model was trained with, e.g. llama3)",
+            )
+        )
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
     config = KDConfig(
@@ -209,6 +222,7 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
         knobs=knobs,
         source=source,
         teachers=teachers,
+        teacher_template=teacher_template,
     )
     issues += source_issues(teachers, config.composer, swift_args, arg_paths)
     if issues:

@@ -7,7 +7,7 @@ Complete, so an editor using it flags real mistakes and nothing else:
   defined once under `$defs` and each section refers to them, with `unevaluatedProperties`
   (JSON Schema 2020-12) closing it, which keeps the schema small;
 * kdcompose's own keys: top-level `plugins`, `rlhf.loss_terms`, `rlhf.llm_kd_weight`,
-  `rlhf.teacher_cache`, `rlhf.teachers`, `custom.visual_kd`;
+  `rlhf.teacher_cache`, `rlhf.teachers`, `rlhf.teacher_template`, `custom.visual_kd`;
 * `loss_terms` holds every registered term type -- the built-ins, installed plug-ins (the
   `kdcompose.terms` entry points) and those of `kdcompose schema --plugin FILE` -- with its
   own knobs, strictly; a term named after a type may omit `type`. A term of a type the schema
@@ -152,6 +152,12 @@ def config_json_schema() -> dict[str, Any]:
                 "relative to the config's folder",
             },
             "teachers": _teachers_schema(),
+            "teacher_template": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the ms-swift template the local teacher encodes samples with when its "
+                "tokenizer differs from the student's (default: its model type's own)",
+            },
             "beta": TypeAdapter(Probability).json_schema(),
             "temperature": TypeAdapter(PositiveFloat).json_schema(),
             "sft_alpha": TypeAdapter(Weight).json_schema(),

@@ -36,7 +36,16 @@ from kdcompose.functional.vocab import align_labelled_rows
 from kdcompose.registry import UnknownDivergenceError, get_divergence_class, register_term
 from kdcompose.schema.types import Bool, PositiveFloat, PositiveInt, Probability
 from kdcompose.sharding import call_through_head
-from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec, TermValue, TopkRequest
+from kdcompose.terms.base import (
+    CrossTokenizerRequest,
+    LossContext,
+    LossTerm,
+    TermNeeds,
+    TermSpec,
+    TermValue,
+    TopkRequest,
+)
+from kdcompose.terms.cross_tokenizer import CrossTokenizerSpec, cross_tokenizer_value, spec_issues
 
 # --------------------------------------------------------------------------------------------
 # `divergence:` -- a name or {kind: NAME, <params>}, validated with the divergence's own Params
@@ -183,6 +192,10 @@ class LmHeadKdSpec(TermSpec):
     """`{by: teacher_entropy | student_entropy | divergence, keep: FRACTION, order: high | low}`:
     distil only that fraction of the labelled tokens of each micro-batch; the value is the mean over
     the kept tokens, and `<metric>_kept_frac` is logged (docs/terms/lm_kd.md#token-selection)."""
+    cross_tokenizer: CrossTokenizerSpec | None = None
+    """`{unmatched: uld | skip, uld_weight: W}`: the term may read a teacher whose tokenizer differs
+    from the student's, comparing over aligned completion text (docs/cross_tokenizer.md); each step
+    also logs `<metric>_matched_frac`. Without it such a teacher is refused before training."""
 
 
 class LmKdSpec(LmHeadKdSpec):
@@ -223,12 +236,31 @@ class LmKdTerm(LossTerm):
         if self.spec.topk is not None:
             topk = frozenset({TopkRequest(self.teacher_name, self.spec.topk, f"{self.origin}.topk")})
         local = not self.spec.teacher  # a named teacher is never a local model
+        cross: frozenset[CrossTokenizerRequest] = frozenset()
+        if self.spec.cross_tokenizer is not None:
+            request = CrossTokenizerRequest(
+                self.teacher_name,
+                force=self.spec.cross_tokenizer.force,
+                temperature=self.temperature,
+                origin=f"{self.origin}.cross_tokenizer",
+            )
+            cross = frozenset({request})
         if self.spec.fused:
             return TermNeeds(
-                student_hidden=True, teacher_hidden=local, labels=True, token_mean=True, teacher_topk=topk
+                student_hidden=True,
+                teacher_hidden=local,
+                labels=True,
+                token_mean=True,
+                teacher_topk=topk,
+                cross_tokenizer=cross,
             )
         return TermNeeds(
-            student_logits=True, teacher_logits=local, labels=True, token_mean=True, teacher_topk=topk
+            student_logits=True,
+            teacher_logits=local,
+            labels=True,
+            token_mean=True,
+            teacher_topk=topk,
+            cross_tokenizer=cross,
         )
 
     def config_issues(self) -> list[ConfigIssue]:
@@ -252,6 +284,15 @@ class LmKdTerm(LossTerm):
                 issue = "compile applies to the full vocabulary; remove `compile` or `topk`"
             if issue is not None:
                 issues.append(ConfigIssue(f"{origin}.compile", issue))
+        issues += spec_issues(
+            spec.cross_tokenizer,
+            origin,
+            fused=spec.fused,
+            tokens=spec.tokens is not None,
+            missing_mass=spec.missing_mass,
+            normalize=spec.normalize,
+            compile=spec.compile,
+        )
         return issues
 
     def _missing_mass_path(self) -> str:
@@ -260,6 +301,22 @@ class LmKdTerm(LossTerm):
     # ------------------------------------------------------------------ compute
 
     def compute(self, ctx: LossContext) -> torch.Tensor | TermValue:
+        aligned = ctx.aligned_teachers.get(self.teacher_name)
+        if aligned is not None:  # the trainer found this teacher's tokenizer differs (or was forced)
+            if self.spec.cross_tokenizer is None:
+                raise ValueError(
+                    f"{self.origin}: teacher {self.teacher_name or '(default)'!r} has another tokenizer; "
+                    "add `cross_tokenizer: {unmatched: uld}` to this term"
+                )
+            return cross_tokenizer_value(
+                ctx,
+                aligned,
+                self.spec.cross_tokenizer,
+                divergence=self.divergence,
+                temperature=self.temperature,
+                topk=self.spec.topk,
+                name=self.name,
+            )
         if ctx.student_logits is not None and ctx.teacher_logits is not None and ctx.labels is not None:
             # vocabularies that differ only by padding: the labelled rows, widened as ms-swift does
             student, teacher, labels = align_labelled_rows(
@@ -423,6 +480,14 @@ class LmKdTerm(LossTerm):
         if self.spec.tokens is not None:
             tokens = self.spec.tokens
             words.append(f"tokens {tokens.order} {tokens.by} {tokens.keep:g}")
+        cross = self.spec.cross_tokenizer
+        if cross is not None:
+            uld = (
+                f" uld_weight={cross.uld_weight:g}"
+                if cross.unmatched == "uld" and cross.uld_weight != 1
+                else ""
+            )
+            words.append(f"cross_tokenizer {cross.unmatched}{uld}{' forced' if cross.force else ''}")
         return words
 
 

@@ -367,6 +367,76 @@ def build_tiny_text_model(
     return atomic_build(final, key, lambda tmp, _final: _write_text_model(spec, tmp), desc)
 
 
+def _train_on_conversations(
+    model_dir: Path, dataset: Path, steps: int, lr: float, seed: int, out: Path
+) -> None:
+    """Causal-LM training of a saved tiny model on a messages JSONL rendered with its own chat template."""
+    import shutil
+
+    import torch
+
+    from kdcompose.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # transformers' auto classes import torchvision
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(model_dir))
+    rows = [json.loads(line) for line in dataset.read_text(encoding="utf-8").splitlines() if line.strip()]
+    encoded = [tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False) for r in rows]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        labels[i, : len(e)] = torch.tensor(e)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    for name in os.listdir(model_dir):  # tokenizer, chat template, generation config
+        if not name.endswith(".safetensors") and name != "kdcompose_build.json":
+            shutil.copy(model_dir / name, out / name)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def build_trained_text_model(
+    role: str, dataset: str | os.PathLike[str], *, steps: int = 24, lr: float = 1e-2, seed: int = 0
+) -> Path:
+    """The tiny model of ``role`` after ``steps`` of causal-LM training on a messages JSONL
+    (``kdcompose.testing.build_caption_dataset(image=False)``) rendered with its own chat template.
+
+    Why: a randomly initialized teacher is close to uniform and has nothing to teach (distilling
+    towards it cannot lower a cross-tokenizer divergence much: ULD between near-uniform
+    distributions of different widths has a floor); a teacher that has seen the data is peaked on
+    it, so a student visibly learns from it. Deterministic; content-keyed like the other builds
+    (about a second on a CPU for the default sizes).
+    """
+    base = build_tiny_text_model(role, seed=seed)
+    data = Path(dataset)
+    desc = {
+        "kind": "trained_tiny_text_model",
+        "base": base.name,
+        "dataset": hashlib.sha256(data.read_bytes()).hexdigest()[:16],
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "format": PAIR_FORMAT_VERSION,
+        "versions": _versions(),
+    }
+    key = content_key(desc)
+    final = cache_root() / "models" / f"xtok-{role}-trained-{key}"
+    return atomic_build(
+        final, key, lambda tmp, _final: _train_on_conversations(base, data, steps, lr, seed, tmp), desc
+    )
+
+
 def build_cross_tokenizer_pair(seed: int = 0) -> tuple[Path, Path]:
     """``(teacher_dir, student_dir)``: a Llama-3-layout teacher and a Qwen2-layout student."""
     return build_tiny_text_model("teacher", seed=seed), build_tiny_text_model("student", seed=seed)

@@ -56,12 +56,14 @@ class ModelAttachments:
         vocab_size: int | None = None,
         log: Callable[[str], None] | None = None,
         attach: Callable[[list[_projectors.ProjectorPlan]], dict[str, nn.Module]] | None = None,
+        aligned_teachers: frozenset[str] = frozenset(),
     ) -> None:
         self.composer = composer
         self.needs: TermNeeds = composer.needs
         self.student, self.teacher = student, teacher if teacher is not None else student
         self._unwrap = unwrap
         self.vocab_size = vocab_size
+        self.aligned_teachers = aligned_teachers  # taught across tokenizers: no row-by-row vocabulary
         self._check_hidden_readable()
         self._check_vocab()
         plans = self._plan_projectors(log)
@@ -153,7 +155,7 @@ class ModelAttachments:
             )
 
     def _check_vocab(self) -> None:
-        if not self.needs.teacher_logits:
+        if not self.needs.teacher_logits or "" in self.aligned_teachers:
             return
         student, teacher = lm_head_width(self.lm_model("student")), lm_head_width(self.lm_model("teacher"))
         if student and teacher:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdcompose.defaults import IGNORE_INDEX
-from kdcompose.terms.base import LossContext, Tap
+from kdcompose.terms.base import AlignedTeacher, LossContext, Tap
 
 IMAGE_INPUTS: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
 """Batch keys that carry images or videos (Qwen-VL and most HF VLMs)."""
@@ -90,6 +90,7 @@ def build_context(
     projectors: Mapping[str, nn.Module] | None = None,
     step_token_denominator: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    aligned_teachers: Mapping[str, AlignedTeacher] | None = None,
 ) -> LossContext:
     """The `LossContext` of one micro-batch.
 
@@ -98,7 +99,8 @@ def build_context(
     per teacher name, a whole-sequence `(logprobs, ids)` top-K aligned with the logits'
     positions (as caches and servers hand it over); it is trimmed like the logits here.
     `vocab_size` is the tokenizer's size, with which LM terms align vocabularies that differ
-    only by padding (`kdcompose.functional.vocab`).
+    only by padding (`kdcompose.functional.vocab`). `aligned_teachers` are the teachers taught
+    across tokenizers, already aligned (`kdcompose.training.cross_tokenizer`).
     """
     teacher = teacher or ForwardCapture()
     whole = labels if sequence_labels is None else sequence_labels
@@ -125,6 +127,7 @@ def build_context(
         projectors=projectors or {},
         step_token_denominator=step_token_denominator,
         vocab_size=vocab_size,
+        aligned_teachers=dict(aligned_teachers or {}),
     )
 
 

@@ -43,6 +43,7 @@ from swift.utils import get_logger  # noqa: E402
 from kdcompose.composer import LossComposer  # noqa: E402
 from kdcompose.integrations.swift import checks, teachers  # noqa: E402
 from kdcompose.integrations.swift import resume as _resume  # noqa: E402
+from kdcompose.integrations.swift.cross_teachers import CrossTeachers  # noqa: E402
 from kdcompose.integrations.transformers import KDLoopCallback  # noqa: E402
 from kdcompose.integrations.transformers.checkpointing import CheckpointCallback  # noqa: E402
 from kdcompose.resolve import legacy_llm_kd_weight, stock_gkd_composition  # noqa: E402
@@ -68,6 +69,8 @@ class RunComposition:
     composer: LossComposer
     teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
     origin: str = "kdcompose train"
+    teacher_template: str | None = None
+    """`rlhf.teacher_template`: the local teacher's own template when its tokenizer differs."""
 
 
 class KDComposeGKDTrainer(GKDTrainer):
@@ -90,8 +93,10 @@ class KDComposeGKDTrainer(GKDTrainer):
             install_vllm_free_teacher_client()  # ms-swift's own client needs vLLM; same protocol without it
         self.kd_teachers: teachers.RunTeachers | None = None
         self.kd_attachments: ModelAttachments | None = None
+        self.kd_cross: CrossTeachers | None = None
         super().__init__(model, *args, **kwargs)
         run, KDComposeGKDTrainer._expected = KDComposeGKDTrainer._expected, None
+        self.kd_teacher_template = run.teacher_template if run is not None else None
         if kd_composer is not None:
             run = RunComposition(kd_composer, run.teachers if run else {}, "the kd_composer argument")
         elif run is None:
@@ -123,6 +128,7 @@ class KDComposeGKDTrainer(GKDTrainer):
         composer.remote_teachers = frozenset(sources)
         run_teachers = teachers.RunTeachers(sources, composer, self.template) if sources else None
         checks.check_trainer(self, composer.needs, composer.active_terms)
+        cross = CrossTeachers.for_run(self, composer, sources, self.kd_teacher_template)  # other tokenizers
         attachments = ModelAttachments(
             composer,
             self.model,
@@ -130,10 +136,14 @@ class KDComposeGKDTrainer(GKDTrainer):
             unwrap=self.accelerator.unwrap_model,
             vocab_size=_tokenizer_size(self.template),
             log=logger.info if self.accelerator.is_main_process else None,
+            aligned_teachers=frozenset(cross.plan.teachers) if cross else frozenset(),
         )
         if self.kd_attachments is not None:
             self.kd_attachments.close()
         self.kd_composer, self.kd_teachers, self.kd_attachments = composer, run_teachers, attachments
+        self.kd_cross = cross
+        for line in cross.describe() if cross and self.accelerator.is_main_process else ():
+            logger.info(f"kdcompose: {line}")
         setattr(self.args, LLM_KD_WEIGHT_ATTR, legacy_llm_kd_weight(composer.active_terms))
 
     # ------------------------------------------------------------------ the loss
@@ -142,11 +152,12 @@ class KDComposeGKDTrainer(GKDTrainer):
         model_inputs, teacher_inputs = inputs["model_inputs"], inputs["teacher_model_inputs"]
         step = int(self.state.global_step)
         needs = self.kd_composer.needs_at(step)  # a term scheduled to 0 here does not make the teacher run
-        if needs.teacher:
+        cross = self.kd_cross
+        if needs.teacher and not (cross and cross.local_default):  # else the teacher's own encoding
             checks.reject_opsd_batch(model_inputs, teacher_inputs)
         mode = "train" if self.model.training else "eval"
         self.kd_loop.prepare_step_tokens(mode, model_inputs)  # before trimming; global_tokens terms only
-        whole_labels = model_inputs["labels"]
+        whole_labels, teacher_labels = model_inputs["labels"], teacher_inputs.get("labels")
         topk = {}
         if self.kd_teachers is not None and needs.topk_teachers:
             topk = self.kd_teachers.batch_topk(inputs, model_inputs, needs.topk_teachers)
@@ -159,6 +170,9 @@ class KDComposeGKDTrainer(GKDTrainer):
             outputs = model(**{k: v for k, v in model_inputs.items() if k != "labels"})
             student.logits = outputs.logits
         teacher = self._teacher_forward(model, teacher_inputs, needs) if needs.teacher else None
+        aligned = (
+            cross.aligned(inputs, whole_labels, teacher_labels, teacher_inputs, teacher) if cross else {}
+        )
         context = build_context(
             model_inputs["labels"],
             student,
@@ -173,6 +187,7 @@ class KDComposeGKDTrainer(GKDTrainer):
             projectors=self.kd_attachments.projectors,
             step_token_denominator=self.kd_loop.step_denominator(),
             vocab_size=self.kd_attachments.vocab_size,
+            aligned_teachers=aligned,
         )
         loss = self.kd_loop.record(self.kd_composer(context), mode)  # a non-finite loss becomes 0
         return (loss, outputs) if return_outputs else loss
@@ -242,7 +257,10 @@ class KDComposeGKDTrainer(GKDTrainer):
     # ------------------------------------------------------------------ teacher servers (teachers.py)
 
     def _prepare_batch_inputs(self, samples: list[Any]) -> list[dict[str, Any]]:
-        return teachers.fetch_named(self, super()._prepare_batch_inputs(samples), samples)
+        chunks = super()._prepare_batch_inputs(samples)
+        if self.kd_cross is not None:  # a teacher with another tokenizer sees its own encoding
+            chunks = self.kd_cross.encode(self, chunks, samples)
+        return teachers.fetch_named(self, chunks, samples)
 
     def _infer_teacher_requests(self, handle: dict[str, Any], topk: int, teacher_client: Any = None) -> Any:
         stock = super()._infer_teacher_requests

@@ -107,7 +107,9 @@ def run_composition(config: KDConfig) -> Any:
     """What the trainer of a `kdcompose train` run of `config` gets: its composer and teachers."""
     from kdcompose.integrations.swift.trainer import RunComposition
 
-    return RunComposition(config.composer, dict(config.teachers), "kdcompose train")
+    return RunComposition(
+        config.composer, dict(config.teachers), "kdcompose train", teacher_template=config.teacher_template
+    )
 
 
 LOSS_TERMS_ATTR = "kdcompose_loss_terms"

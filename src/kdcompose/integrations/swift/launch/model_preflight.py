@@ -20,7 +20,9 @@ and the fix:
   trainer gives after loading both models (kdcompose.training.projectors) -- and a tap of a module the
   model cannot have (layer 5 of 3) is reported at the tap's key;
 * teacher and student vocabularies, when an active term compares their LM-head logits
-  (kdcompose.functional.vocab.check_vocab_compatible, as the trainer).
+  (kdcompose.functional.vocab.check_vocab_compatible, as the trainer);
+* teacher and student tokenizers (`tokenizer_preflight`): a term reading a teacher with another
+  tokenizer without `cross_tokenizer`, and `rlhf.teacher_template`.
 
 ms-swift's inference is mirrored from its 4.6 code (`get_matched_model_meta`,
 `_get_model_info`, `get_template_meta`); its registry is read through the cached table in
@@ -130,7 +132,11 @@ def inspect_models(config: Any) -> ModelReport:
     # has no features, which source_issues already refuses for feature pairs)
     teacher_shape = teacher.shape if teacher is not None else student_shape
     report.issues += _feature_pair_issues(needs.pairs, student, teacher, student_shape, teacher_shape)
-    if needs.teacher_logits and student is not None and teacher is not None:
+    from kdcompose.integrations.swift.launch.tokenizer_preflight import tokenizer_issues
+
+    found, cross = tokenizer_issues(config, composer, student, teacher, registry)  # other tokenizers
+    report.issues += found
+    if needs.teacher_logits and student is not None and teacher is not None and "" not in cross:
         report.issues += _vocab_issues(student, teacher, paths)
     return report
 
