@@ -125,7 +125,12 @@ def test_settings_the_path_cannot_honour_are_config_errors() -> None:
     with pytest.raises(ConfigError) as info:
         composer(
             {
-                "lm_jsd": {"fused": True, "normalize": "global_tokens", "compile": True, "cross_tokenizer": {}},
+                "lm_jsd": {
+                    "fused": True,
+                    "normalize": "global_tokens",
+                    "compile": True,
+                    "cross_tokenizer": {},
+                },
                 "k": {
                     "type": "lm_kd",
                     "divergence": "fkl",

@@ -148,3 +148,25 @@ def test_swift_still_announces_self_distillation_and_the_filter_drops_only_that(
     finally:
         logger.removeHandler(catch)
     assert seen == ["another line"]
+
+
+def test_the_replaying_sampler_gives_each_epoch_the_uninterrupted_order():
+    from trl.trainer.utils import RepeatSampler
+
+    from kdcompose.compat import trl_repeat_sampler
+
+    data = list(range(10))
+    whole = RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
+    trl_repeat_sampler.make_epoch_replayable(whole)
+    epochs = []
+    for epoch in range(3):
+        whole.set_epoch(epoch)
+        epochs.append(list(whole))
+    stock = RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
+    assert epochs == [list(stock) for _ in range(3)], "same order as stock in an uninterrupted run"
+    resumed = trl_repeat_sampler.make_epoch_replayable(
+        RepeatSampler(data, mini_repeat_count=1, batch_size=2, repeat_count=1, shuffle=True, seed=7)
+    )
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]
+    assert epochs[0] != epochs[2]
