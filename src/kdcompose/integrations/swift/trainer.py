@@ -128,7 +128,11 @@ class KDComposeGKDTrainer(GKDTrainer):
         composer.remote_teachers = frozenset(sources)
         run_teachers = teachers.RunTeachers(sources, composer, self.template) if sources else None
         checks.check_trainer(self, composer.needs, composer.active_terms)
-        cross = CrossTeachers.for_run(self, composer, sources, self.kd_teacher_template)  # other tokenizers
+        cross = CrossTeachers.for_run(  # teachers with other tokenizers
+            self, composer, sources, self.kd_teacher_template, run_teachers
+        )
+        if run_teachers is not None:
+            run_teachers.cross = cross
         attachments = ModelAttachments(
             composer,
             self.model,
