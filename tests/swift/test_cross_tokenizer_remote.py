@@ -184,7 +184,10 @@ def test_the_cache_holds_the_teachers_own_encoding_of_each_completion(cache, tea
     manifest = json.loads((directory / "manifest.json").read_text())
     teacher_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     student_tok = AutoTokenizer.from_pretrained(str(build_tiny_text_model("student")))
-    assert manifest["teacher_tokenizer"]["fingerprint"] == token_table(teacher_tok).fingerprint
+    from tokenizers import Tokenizer
+
+    files = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))  # the teacher's own files
+    assert manifest["teacher_tokenizer"]["fingerprint"] == token_table(files).fingerprint
     assert manifest["teacher_template"]["name"] == "llama3" and manifest["template"]["name"] == "qwen2_5"
     assert (directory / manifest["teacher_tokenizer"]["path"] / "tokenizer.json").is_file()
     opened = TeacherCache.open(directory)
@@ -352,3 +355,19 @@ def test_a_server_whose_tokenizer_the_run_cannot_know_is_refused_before_training
     assert code == 2 and "cannot know its tokenizer" in err and "rlhf.teachers.NAME" in err
     code, err = validate(write(tmp / "s4.yaml", config(tmp / "o", served_rlhf(url, teacher_dir))))
     assert code == 0, err
+
+
+def test_a_server_declared_with_another_tokenizer_than_its_own_stops_at_the_first_batch(tmp, server) -> None:
+    """`tokenizer:` naming the student's tokenizer for the Llama server: the run takes the teacher
+    for a same-tokenizer one, and the audit stops it at the first batch, naming the sample, the
+    first differing position and the fix, without a traceback."""
+    data = config(tmp / "wrong", served_rlhf(server.url, build_tiny_text_model("student")))
+    data["training"]["max_steps"] = 1
+    result = train_as_user(write(tmp / "wrong.yaml", data), tmp)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("kdcompose train:")]
+    assert message.startswith(f"kdcompose train: teacher 'llama' ({server.url}) scored other tokens"), message
+    assert "sample 0 of the micro-batch" in message and "first difference at position" in message
+    assert "tokenizer: PATH" in message
+    assert not list((tmp / "wrong").glob("**/logging.jsonl")) or not step_logs(tmp / "wrong")

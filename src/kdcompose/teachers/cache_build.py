@@ -466,16 +466,20 @@ def build_cache(
     }
     teacher_encoder = pipeline.teacher_encoder
     if teacher_encoder is not None:  # a teacher with another tokenizer: its own encoding's rows
+        from tokenizers import Tokenizer
+
         from kdcompose.teachers.alignment import token_table
 
         own = teacher_encoder.template
+        copy_dir = directory / TEACHER_TOKENIZER_DIR
+        pipeline.teacher_tokenizer.save_pretrained(str(copy_dir))
+        saved = Tokenizer.from_file(str(copy_dir / "tokenizer.json"))  # what a run checks its copy by
         manifest["teacher_tokenizer"] = {
-            "fingerprint": token_table(pipeline.teacher_tokenizer).fingerprint,
+            "fingerprint": token_table(saved).fingerprint,
             "size": len(pipeline.teacher_tokenizer),
             "path": TEACHER_TOKENIZER_DIR,
         }
         manifest["teacher_template"] = {"name": template_name(own), "fingerprint": template_fingerprint(own)}
-        pipeline.teacher_tokenizer.save_pretrained(str(directory / TEACHER_TOKENIZER_DIR))
     cache_id = cache_identity(manifest)
     manifest["cache_id"] = cache_id
     _check_compatible(directory, manifest)

@@ -64,10 +64,18 @@ class TokenizerSource:
     fingerprint: str | None = None
 
 
-def load_tokenizer_files(source: TokenizerSource, label: str) -> tuple[Any, list[ConfigIssue]]:
-    """The fast tokenizer in `source.folder` (a `tokenizers.Tokenizer`), checked against
-    `source.fingerprint`; None with an issue naming `source.origin` when it is missing, unreadable
-    or another tokenizer."""
+def load_tokenizer_files(
+    source: TokenizerSource, label: str, *, transformers: bool = False
+) -> tuple[Any, list[ConfigIssue]]:
+    """The fast tokenizer in `source.folder`, checked against `source.fingerprint`; None with an
+    issue naming `source.origin` when it is missing, unreadable or another tokenizer.
+
+    The fingerprint is always that of its `tokenizer.json` as the `tokenizers` library reads it.
+    What is returned is compared with the student's tokenizer, so it must be loaded the same way:
+    `transformers=False` the `tokenizers.Tokenizer` (the preflight reads the student's that way),
+    `transformers=True` transformers' `AutoTokenizer` (in a run: some tokenizer classes, e.g.
+    Qwen2's, rebuild their model from the vocabulary and change settings on the way, so a
+    tokenizer loaded one way never equals one loaded the other)."""
     from kdcompose.teachers.alignment import token_table
 
     folder = Path(str(source.folder))
@@ -96,6 +104,13 @@ def load_tokenizer_files(source: TokenizerSource, label: str) -> tuple[Any, list
                 "tokenizer",
             )
         ]
+    if transformers:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        except Exception as error:  # transformers raises many kinds for a folder it cannot use
+            return None, [ConfigIssue(source.origin, f"{label}: transformers cannot load {folder} ({error})")]
     return tokenizer, []
 
 
@@ -232,7 +247,7 @@ class TeacherProvider:
         if where.student:
             tokenizer = student_tokenizer
         elif where.folder is not None:
-            tokenizer, issues = load_tokenizer_files(where, self.label())
+            tokenizer, issues = load_tokenizer_files(where, self.label(), transformers=True)
         teacher = TeacherTokenizer(
             self.source.name, tokenizer, self.label(), where.origin, where.missing_fix, temperature=1.0
         )

@@ -545,6 +545,8 @@ def audit_answers(
         tokenizer=getattr(template, "tokenizer", None),
         fix=(
             "the server encodes the conversation differently from the trainer (another template, system "
-            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and {flag}"
+            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and "
+            f"{flag}; for a teacher with another tokenizer, declare that tokenizer "
+            "(`rlhf.teachers.NAME: {server: URL, tokenizer: PATH}`, docs/cross_tokenizer.md)"
         ),
     )
