@@ -267,6 +267,7 @@ def test_damaged_cross_tokenizer_caches_end_before_training_with_named_errors(
     assert (
         code == 2 and "rlhf.teacher_cache" in err and "teacher-tokenizer/tokenizer.json does not exist" in err
     )
+    assert f"kdcompose teacher-cache {tmp / 'build.yaml'} --out {broken}" in err and "copy again" in err
     # a term that needs the teacher's full logits
     full = {"lm_jsd": {"temperature": 1.0, "cross_tokenizer": {"unmatched": "uld"}}}
     code, err = validate(

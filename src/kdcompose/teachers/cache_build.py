@@ -471,9 +471,10 @@ def build_cache(
         from kdcompose.teachers.alignment import token_table
 
         own = teacher_encoder.template
-        copy_dir = directory / TEACHER_TOKENIZER_DIR
-        pipeline.teacher_tokenizer.save_pretrained(str(copy_dir))
-        saved = Tokenizer.from_file(str(copy_dir / "tokenizer.json"))  # what a run checks its copy by
+        if rank == 0:  # one writer (the ranks of a build share the directory)
+            pipeline.teacher_tokenizer.save_pretrained(str(directory / TEACHER_TOKENIZER_DIR))
+        # the fingerprint of the tokenizer.json written there: what a run checks its copy by
+        saved = Tokenizer.from_str(pipeline.teacher_tokenizer.backend_tokenizer.to_str())
         manifest["teacher_tokenizer"] = {
             "fingerprint": token_table(saved).fingerprint,
             "size": len(pipeline.teacher_tokenizer),

@@ -89,8 +89,17 @@ class CacheTeacher(TeacherProvider):
         if isinstance(given, str):
             origin = f"{source.origin.rsplit('.', 1)[0]}.{TOKENIZER_OPTION}"
             return TokenizerSource(origin, folder=given, fingerprint=recorded.get("fingerprint"))
+        from kdcompose.teachers.cache import rebuild_command
+
         folder = str(Path(source.location) / str(recorded.get("path")))
-        return TokenizerSource(source.origin, folder=folder, fingerprint=recorded.get("fingerprint"))
+        fix = (
+            f"`{rebuild_command(manifest, source.location)}` writes the cache's copy again (its rows are "
+            "kept), or name the teacher's tokenizer folder with `rlhf.teachers.NAME: {cache: DIR, "
+            "tokenizer: PATH}`"
+        )
+        return TokenizerSource(
+            source.origin, folder=folder, fingerprint=recorded.get("fingerprint"), files_fix=fix
+        )
 
     def describe(self) -> str:
         """`cache DIR (top-K, N samples)`, read from its manifest (no shard is opened)."""

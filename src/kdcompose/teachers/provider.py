@@ -55,13 +55,15 @@ class TokenizerSource:
     `tokenizer.json`), None when unknown (`missing_fix` says what to write); `student`: the teacher
     is known to share the student's tokenizer (a cache built for this student's tokenizer).
     `origin`: the YAML path messages name; `fingerprint`: what the files must hash to
-    (`TokenTable.fingerprint`; None: unchecked)."""
+    (`TokenTable.fingerprint`; None: unchecked); `files_fix`: what to do when the folder's files
+    are missing or unreadable (default: give the teacher's own folder)."""
 
     origin: str
     folder: str | None = None
     student: bool = False
     missing_fix: str = ""
     fingerprint: str | None = None
+    files_fix: str = "give the folder holding the teacher's `tokenizer.json` (its model folder)"
 
 
 def load_tokenizer_files(
@@ -84,8 +86,7 @@ def load_tokenizer_files(
         return None, [
             ConfigIssue(
                 source.origin,
-                f"{label}: {path} does not exist: give the folder holding the teacher's `tokenizer.json` "
-                "(its model folder)",
+                f"{label}: {path} does not exist: {source.files_fix}",
             )
         ]
     from tokenizers import Tokenizer
@@ -93,7 +94,11 @@ def load_tokenizer_files(
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # the tokenizers library's own error type
-        return None, [ConfigIssue(source.origin, f"{label}: {path} is not a readable tokenizer ({error})")]
+        return None, [
+            ConfigIssue(
+                source.origin, f"{label}: {path} is not a readable tokenizer ({error}): {source.files_fix}"
+            )
+        ]
     if source.fingerprint is not None and token_table(tokenizer).fingerprint != source.fingerprint:
         return None, [
             ConfigIssue(
