@@ -24,7 +24,7 @@ a cache built for such a teacher) runs no model here: its provider says where it
 from (`TeacherProvider.teacher_tokenizer`), the plan compares it with the student's like the local
 teacher's, and per micro-batch the provider's per-sample completions (the teacher's own ids, top-K
 and actual-token log-probabilities: `TeacherProvider.completions`) are aligned with the student's
-(`aligned_from_topk`). A server is asked with each sample's conversation as text (`requests`: a
+(`aligned_from_topk`). A server is asked with each sample's conversation as text (`text_requests`: a
 completion the student generated re-spelled for it), which it encodes with its own template.
 """
 
