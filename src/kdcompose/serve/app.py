@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdcompose.serve.scorer import EncodedRequest, RequestError, TeacherLoadError, TeacherScorer, load_failure
+from kdcompose.teachers.server_client import COMPLETION_POSITIONS
 
 __all__ = ["ServerLimits", "create_app"]
 
@@ -71,6 +72,8 @@ class _Job:
     items: list[EncodedRequest]
     k: int
     future: asyncio.Future
+    completion_positions: bool = False
+    """The caller asked which positions are the completion (its tokenizer is not the teacher's)."""
     tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,7 +93,9 @@ def _dumps(content: Any) -> bytes:
     ).encode()
 
 
-def _prepare(scorer: TeacherScorer, limits: ServerLimits, raw: bytes) -> tuple[list[EncodedRequest], int]:
+def _prepare(
+    scorer: TeacherScorer, limits: ServerLimits, raw: bytes
+) -> tuple[list[EncodedRequest], int, bool]:
     """Parse one ``/infer/`` body and encode its requests (on the worker thread); RequestError
     (400 / 413) naming what is wrong."""
     try:
@@ -116,7 +121,8 @@ def _prepare(scorer: TeacherScorer, limits: ServerLimits, raw: bytes) -> tuple[l
                 f"{bound} tokens per request",
                 status=413,
             )
-    return encoded, k
+    positions = (body.get("request_config") or {}).get(COMPLETION_POSITIONS) is True
+    return encoded, k, positions
 
 
 class _Batcher:
@@ -196,8 +202,10 @@ class _Batcher:
                     continue
             scored = self.scorer.score([c[2] for c in chunk], k)
             self.forwards += 1
-            for (j, i, _), result in zip(chunk, scored, strict=True):
+            for (j, i, item), result in zip(chunk, scored, strict=True):
                 out[j][i] = _trim_k(result, jobs[j].k)
+                if jobs[j].completion_positions:
+                    out[j][i][COMPLETION_POSITIONS] = item.completion
             chunk = [entry] if entry is not None else []
         return [_dumps([_response(self.model_name, r) for r in results]) for results in out]
 
@@ -230,6 +238,7 @@ def _response(model_name: str, result: dict[str, Any]) -> dict[str, Any]:
         "created": int(time.time()),
         "prompt_token_ids": result["prompt_token_ids"],
         "prompt_logprobs": result["prompt_logprobs"],
+        **({COMPLETION_POSITIONS: result[COMPLETION_POSITIONS]} if COMPLETION_POSITIONS in result else {}),
     }
 
 
@@ -351,10 +360,12 @@ def create_app(
         loop = asyncio.get_running_loop()
         ticket = batcher.preparing()
         try:
-            encoded, k = await loop.run_in_executor(executor, _prepare, scorer, limits, b"".join(chunks))
+            encoded, k, positions = await loop.run_in_executor(
+                executor, _prepare, scorer, limits, b"".join(chunks)
+            )
             if not encoded:
                 return JSONResponse([])
-            job = _Job(encoded, k, loop.create_future())
+            job = _Job(encoded, k, loop.create_future(), completion_positions=positions)
             await batcher.queue.put(job)
         except RequestError as exc:
             return _error(exc.status, str(exc))

@@ -35,7 +35,7 @@ import difflib
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["EncodedRequest", "RequestError", "TeacherLoadError", "TeacherScorer", "default_template_type"]
@@ -116,10 +116,12 @@ def load_failure(exc: BaseException, model: str, model_type: str | None) -> Teac
 
 @dataclass
 class EncodedRequest:
-    """One request encoded by the template (``encoded`` is what the collator takes)."""
+    """One request encoded by the template (``encoded`` is what the collator takes);
+    ``completion``: the positions its labels mark (what a caller with another tokenizer aligns)."""
 
     encoded: dict[str, Any]
     length: int
+    completion: list[int] = field(default_factory=list)
 
 
 def _check_media(value: Any, where: str) -> None:
@@ -244,7 +246,9 @@ class TeacherScorer:
         except Exception as exc:  # the template's own message says what is wrong
             raise RequestError(f"infer_requests[{index}]: the template could not encode it: {exc}") from exc
         encoded.pop("_extra_kwargs", None)
-        return EncodedRequest(encoded=encoded, length=len(encoded["input_ids"]))
+        labels = encoded.get("labels") or []
+        completion = [i for i, label in enumerate(labels) if label != -100]
+        return EncodedRequest(encoded=encoded, length=len(encoded["input_ids"]), completion=completion)
 
     def score(self, batch: Sequence[EncodedRequest], k: int) -> list[dict[str, Any]]:
         """One padded forward over ``batch``; per request its ``prompt_logprobs`` and token ids."""

@@ -66,6 +66,10 @@ MANIFEST_NAME = "manifest.json"
 SHARD_TENSORS = ("keys", "offsets", "lengths", "positions", "ids", "logprobs", "tokens", "token_logprobs")
 _IDENTITY_FIELDS = ("format", "topk", "dtype", "vocab_size")
 _IDENTITY_PARTS = ("teacher", "tokenizer", "template")
+_CROSS_PARTS = ("teacher_tokenizer", "teacher_template")
+"""Present in the manifest of a cache whose teacher has another tokenizer (see `TeacherCache`)."""
+TEACHER_TOKENIZER_DIR = "teacher-tokenizer"
+"""Where a cross-tokenizer cache keeps a copy of its teacher's tokenizer files (`tokenizer.json`)."""
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -197,11 +201,13 @@ class SampleRows:
 def cache_identity(manifest: Mapping[str, Any]) -> str:
     """What makes rows of two builds interchangeable: format, K, dtype, vocabulary size and the
     teacher, tokenizer and template fingerprints. Stored in the manifest and every shard's header,
-    so a shard of another cache is recognised as foreign."""
+    so a shard of another cache is recognised as foreign. A cross-tokenizer cache adds its
+    teacher's tokenizer and template (absent from other caches, whose identity stays as it was)."""
+    parts = [*_IDENTITY_PARTS, *(part for part in _CROSS_PARTS if manifest.get(part))]
     return _digest(
         {
             **{f: manifest.get(f) for f in _IDENTITY_FIELDS},
-            **{part: (manifest.get(part) or {}).get("fingerprint") for part in _IDENTITY_PARTS},
+            **{part: (manifest.get(part) or {}).get("fingerprint") for part in parts},
         }
     )
 
@@ -365,6 +371,16 @@ class TeacherCache:
     Opening indexes every shard's sample keys (small) and keeps the shards open memory-mapped; a
     batch reads only its own rows. Use :meth:`check` before training to refuse a cache that does
     not fit the run (K too small, other tokenizer or template).
+
+    A *cross-tokenizer* cache (its teacher has another tokenizer than the student:
+    :attr:`cross_tokenizer`) is keyed like any other, by the student's encoding of each sample (so a
+    run finds its rows without encoding anything for the teacher), but each sample's rows are the
+    teacher's: its own template's encoding of the same conversation, one row per token of *its*
+    completion (``positions`` in its encoding, ``tokens`` its completion ids), read with
+    :meth:`completion_rows`; ``lengths`` is the student's length (the consistency check). The
+    manifest records the teacher's tokenizer and template (``teacher_tokenizer``,
+    ``teacher_template``) and the directory holds a copy of that tokenizer
+    (:data:`TEACHER_TOKENIZER_DIR`), which the run aligns the two completions with.
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
@@ -423,6 +439,11 @@ class TeacherCache:
     @property
     def dtype(self) -> str:
         return str(self.manifest["dtype"])
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Its rows are a teacher with another tokenizer than the one its keys were encoded with."""
+        return bool(self.manifest.get("teacher_tokenizer"))
 
     def __len__(self) -> int:
         return len(self._index)
@@ -533,6 +554,12 @@ class TeacherCache:
         :class:`~kdcompose.teachers.audit.TeacherAlignmentError` when the tokens the cache scored
         differ from the sample's at any cached position (the audit).
         """
+        if self.cross_tokenizer:
+            raise TeacherCacheError(
+                f"{self.directory} holds a teacher with another tokenizer than the student's: its rows are "
+                "read over aligned text, by a term with `cross_tokenizer: {unmatched: uld}` "
+                "(docs/cross_tokenizer.md), not position by position"
+            )
         k = self.topk if topk is None else int(topk)
         if not 1 <= k <= self.topk:
             raise TeacherCacheError(f"topk must be in 1..{self.topk} (the cache's K), got {topk}")
@@ -582,6 +609,37 @@ class TeacherCache:
             logprobs[b, target] = rows.logprobs[:, :k].float()
             ids[b, target] = rows.ids[:, :k].to(torch.int64)
         return logprobs.to(device), ids.to(device)
+
+    def completion_rows(self, model_inputs: Mapping[str, Any]) -> list[SampleRows]:
+        """Each sample's rows of a cross-tokenizer cache (see the class doc), in batch order: the
+        teacher's completion ids (``tokens``), top-K and token log-probabilities, all K columns.
+        Raises :class:`TeacherCacheError` naming the sample and the rebuild command when a sample
+        is not cached or its length changed. Whether both completions spell the same text is the
+        alignment's check (:func:`kdcompose.training.cross_tokenizer.align_completions`)."""
+        input_ids = model_inputs["input_ids"]
+        keys = sample_keys(
+            model_inputs,
+            **{
+                name: int(self.manifest[name])
+                for name in ("image_token_id", "video_token_id")
+                if self.manifest.get(name) is not None
+            },
+        )
+        out = []
+        for b, (key, real) in enumerate(zip(keys, unpadded_positions(model_inputs), strict=True)):
+            if key not in self._index:
+                sample_ids = input_ids[b, real.to(input_ids.device)].to("cpu")
+                raise TeacherCacheError(
+                    self._missing_message(b, key, sample_ids, torch.zeros(0, dtype=torch.int64))
+                )
+            rows = self.rows(key)
+            if rows.length != real.numel():
+                raise TeacherCacheError(
+                    f"sample {b} of the batch (key {key}) has {real.numel()} tokens but the cache recorded "
+                    f"{rows.length}: rebuild with `{rebuild_command(self.manifest, self.directory)}`"
+                )
+            out.append(rows)
+        return out
 
     def _completion_owner(self, tokens: torch.Tensor) -> str | None:
         """The key of a cached sample whose scored tokens (its completion) equal ``tokens``; the

@@ -16,10 +16,20 @@ decides what the teacher sees is ms-swift's own, taken from the same places a GK
   teacher (images become embeddings inside the call, as in training).
 
 Then, for each sample, the top-K of ``log_softmax(logits)`` (T = 1) at each labelled position
-is stored under the sample's content key. Samples already in ``DIR`` are skipped, so an
-interrupted build resumes, and a deleted shard is rebuilt alone. ``NPROC_PER_NODE=N`` runs N
-processes on disjoint slices of the data (one GPU each when there are GPUs); each writes its own
-shards and the launcher writes the merged manifest.
+is stored under the sample's content key.
+
+A teacher whose tokenizer differs from the student's (decided from the two tokenizers,
+``kdcompose.teachers.alignment.tokenizer_difference``) sees its own encoding, as in a run with a
+local teacher of another family: each sample is encoded a second time with the teacher's own
+template (``rlhf.teacher_template``, else its model type's;
+``kdcompose.integrations.swift.cross_teachers.teacher_template``), the teacher runs on that, and
+the sample's rows are the teacher's completion (its ids, top-K and the log-probability of each
+actual token), still keyed by the student's encoding. The manifest records the teacher's
+tokenizer and template, and the cache keeps a copy of that tokenizer for the run's alignment.
+
+Samples already in ``DIR`` are skipped, so an interrupted build resumes, and a deleted shard is
+rebuilt alone. ``NPROC_PER_NODE=N`` runs N processes on disjoint slices of the data (one GPU each
+when there are GPUs); each writes its own shards and the launcher writes the merged manifest.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from kdcompose.teachers.cache import (
     CHECKSUM,
     DTYPES,
     FORMAT,
+    TEACHER_TOKENIZER_DIR,
     SampleRows,
     TeacherCache,
     cache_identity,
@@ -125,6 +136,11 @@ def prepare_config(config_path: str | Path, topk: int | None) -> tuple[Any, int]
             body.pop("gkd_logits_topk", None)
             for key in _STRIPPED_OWN_KEYS.get(section, ()):
                 body.pop(key, None)
+    # the build distils nothing: a composition that reads no teacher, so the run's checks of how
+    # terms read the teacher (e.g. one with another tokenizer) do not apply to it
+    rlhf_section = data.setdefault("rlhf", {})
+    if isinstance(rlhf_section, dict):
+        rlhf_section["loss_terms"] = {"ce": {"weight": 1.0}, "lm_jsd": {"weight": 0.0}}
     teacher = _find(data, "teacher_model")
     if teacher is None or teacher[1] in (None, ""):
         issues.append(
@@ -199,7 +215,7 @@ def _load_pipeline(config: Any, output_dir: str) -> Any:
             )
             if result is None:
                 raise ConfigError.single("model.teacher_model", "no teacher_model to run")
-            self.teacher_model = result[0]
+            self.teacher_model, self.teacher_processor = result[0], result[1]
             self.model, self.processor = args.get_model_processor(load_model=False)
 
         def _prepare_template(self) -> None:
@@ -245,13 +261,13 @@ def _check_compatible(directory: Path, manifest: Mapping[str, Any]) -> None:
                 f"{directory} holds a cache with {field} = {old.get(field)!r}, this build asks for "
                 f"{manifest.get(field)!r}: delete it or choose another --out",
             )
-    for part in ("teacher", "tokenizer", "template"):
-        if old.get(part, {}).get("fingerprint") != manifest.get(part, {}).get("fingerprint"):
+    for part in ("teacher", "tokenizer", "template", "teacher_tokenizer", "teacher_template"):
+        if (old.get(part) or {}).get("fingerprint") != (manifest.get(part) or {}).get("fingerprint"):
             raise ConfigError.single(
                 "--out",
-                f"{directory} was built with another {part} (fingerprint "
-                f"{old.get(part, {}).get('fingerprint')}, "
-                f"now {manifest.get(part, {}).get('fingerprint')}): delete it or choose another --out",
+                f"{directory} was built with another {part.replace('_', ' ')} (fingerprint "
+                f"{(old.get(part) or {}).get('fingerprint')}, "
+                f"now {(manifest.get(part) or {}).get('fingerprint')}): delete it or choose another --out",
             )
 
 
@@ -300,16 +316,24 @@ class CachePipeline:
     encoder: _Encoder
     device: torch.device
     multimodal: bool
+    teacher_encoder: _Encoder | None = None
+    """A teacher with another tokenizer: its own template's encoder (None: the student's encoding)."""
+    teacher_tokenizer: Any = None
+
+    @property
+    def teacher_template(self) -> Any:
+        """The template the teacher's inputs are encoded with."""
+        return self.teacher_encoder.template if self.teacher_encoder is not None else self.template
 
     def hook_on(self) -> None:
         """The template's post-encode hook on the teacher, as training registers it (pixels become
         embeddings inside the forward)."""
         if self.multimodal:
-            self.template.register_post_encode_hook([self.teacher])
+            self.teacher_template.register_post_encode_hook([self.teacher])
 
     def hook_off(self) -> None:
         if self.multimodal:
-            self.template.remove_post_encode_hook()
+            self.teacher_template.remove_post_encode_hook()
 
 
 def open_pipeline(config_path: str | Path, topk: int | None = None) -> CachePipeline:
@@ -325,6 +349,7 @@ def open_pipeline(config_path: str | Path, topk: int | None = None) -> CachePipe
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     teacher = swift.teacher_model
+    teacher_encoder, teacher_tokenizer = _teacher_encoder(config, swift)
     return CachePipeline(
         config_path=str(config_path),
         topk=k,
@@ -336,7 +361,35 @@ def open_pipeline(config_path: str | Path, topk: int | None = None) -> CachePipe
         encoder=_Encoder(swift.template),
         device=next(teacher.parameters()).device,
         multimodal=bool(swift.args.model_meta.is_multimodal),
+        teacher_encoder=teacher_encoder,
+        teacher_tokenizer=teacher_tokenizer,
     )
+
+
+def _teacher_encoder(config: Any, swift: Any) -> tuple[_Encoder | None, Any]:
+    """For a teacher whose tokenizer differs from the student's: an encoder with its own template
+    (as a run with that teacher builds it) and its tokenizer; (None, None) otherwise."""
+    from kdcompose.integrations.swift.cross_teachers import teacher_template
+    from kdcompose.teachers.alignment import tokenizer_difference
+
+    processor = swift.teacher_processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer_difference(swift.template.tokenizer, tokenizer) is None:
+        return None, None
+    teacher_info = swift.teacher_model.model_info
+    same_family = teacher_info.model_type == swift.args.model_meta.model_type
+    template = teacher_template(
+        processor,
+        getattr(config, "teacher_template", None),
+        swift.template,
+        same_family,
+        f"{teacher_info.model_dir}, model type {teacher_info.model_type}",
+    )
+    if isinstance(template, ConfigIssue):
+        raise ConfigError([template], source=str(swift.args.teacher_model))
+    template.set_mode("train")
+    template.model = swift.teacher_model  # position ids (mrope) come from the teacher's own config
+    return _Encoder(template), tokenizer
 
 
 def build_cache(
@@ -411,6 +464,23 @@ def build_cache(
         "image_token_id": getattr(template, "image_token_id", None),
         "video_token_id": getattr(template, "video_token_id", None),
     }
+    teacher_encoder = pipeline.teacher_encoder
+    if teacher_encoder is not None:  # a teacher with another tokenizer: its own encoding's rows
+        from tokenizers import Tokenizer
+
+        from kdcompose.teachers.alignment import token_table
+
+        own = teacher_encoder.template
+        if rank == 0:  # one writer (the ranks of a build share the directory)
+            pipeline.teacher_tokenizer.save_pretrained(str(directory / TEACHER_TOKENIZER_DIR))
+        # the fingerprint of the tokenizer.json written there: what a run checks its copy by
+        saved = Tokenizer.from_str(pipeline.teacher_tokenizer.backend_tokenizer.to_str())
+        manifest["teacher_tokenizer"] = {
+            "fingerprint": token_table(saved).fingerprint,
+            "size": len(pipeline.teacher_tokenizer),
+            "path": TEACHER_TOKENIZER_DIR,
+        }
+        manifest["teacher_template"] = {"name": template_name(own), "fingerprint": template_fingerprint(own)}
     cache_id = cache_identity(manifest)
     manifest["cache_id"] = cache_id
     _check_compatible(directory, manifest)
@@ -465,12 +535,18 @@ def build_cache(
                 todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
                 if todo:
                     # a partly cached batch is re-collated without its cached samples
-                    batch = (
-                        collated
-                        if len(todo) == len(rows)
-                        else encoder.collate([encoded[i] for i in todo], device)
-                    )
-                    buffer += _teacher_rows(teacher, batch, [keys[i] for i in todo], k)
+                    if teacher_encoder is not None:  # the teacher's own encoding of the same rows
+                        own_encoded = teacher_encoder.encode([rows[i] for i in todo])
+                        batch = teacher_encoder.collate(own_encoded, device)
+                        lengths = [len(encoded[i]["input_ids"]) for i in todo]
+                    else:
+                        batch = (
+                            collated
+                            if len(todo) == len(rows)
+                            else encoder.collate([encoded[i] for i in todo], device)
+                        )
+                        lengths = None
+                    buffer += _teacher_rows(teacher, batch, [keys[i] for i in todo], k, lengths)
                     done.update(keys[i] for i in todo)
                 bar.update(len(rows))
                 if len(buffer) >= samples_per_shard:
@@ -505,9 +581,13 @@ def _listed_records(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 @torch.no_grad()
-def _teacher_rows(teacher: Any, batch: Mapping[str, Any], keys: list[str], k: int) -> list[SampleRows]:
+def _teacher_rows(
+    teacher: Any, batch: Mapping[str, Any], keys: list[str], k: int, lengths: list[int] | None = None
+) -> list[SampleRows]:
     """Run the teacher on one collated batch (as GKD's compute_loss does: all inputs but labels)
-    and cut each sample's top-K rows at its labelled positions, with the token each row scored."""
+    and cut each sample's top-K rows at its labelled positions, with the token each row scored.
+    `lengths`: the student's length of each sample, recorded instead of the batch's when the batch
+    is the teacher's own encoding (a cross-tokenizer cache)."""
     forward = {name: value for name, value in batch.items() if name != "labels"}
     logits = teacher(**forward).logits
     labels = batch["labels"]
@@ -520,7 +600,7 @@ def _teacher_rows(teacher: Any, batch: Mapping[str, Any], keys: list[str], k: in
         out.append(
             SampleRows(
                 key=key,
-                length=int(real.numel()),
+                length=int(real.numel()) if lengths is None else int(lengths[b]),
                 positions=positions.cpu(),
                 logprobs=values.cpu(),
                 ids=ids.cpu(),

@@ -13,7 +13,12 @@ declared at), and each kind of source is one `TeacherProvider` subclass, registe
 * `fetch` / `topk` -- hand over what terms declared: a kind that `prefetches` (a server) is asked
   once per generation batch for each of its micro-batches, and the trainer keeps each answer in
   the micro-batch under `PREFETCHED`; `topk` then hands over a micro-batch's `(logprobs, ids)`,
-  whole sequence, aligned with the logits' positions.
+  whole sequence, aligned with the logits' positions;
+* a teacher with another tokenizer (`kdcompose.training.cross_tokenizer`): `tokenizer_source`
+  says where its tokenizer comes from (a cache's copy, a `tokenizer:` key), `teacher_tokenizer`
+  loads it for the run's plan, and `completions` (or `fetch_completions`, for a kind that
+  prefetches) hands over, per sample, the teacher's own completion ids with their top-K and
+  the log-probability of each actual token, which the trainer aligns with the student's by text.
 
 Trainers loop over the providers of a run (`kdcompose.integrations.swift.teachers.RunTeachers`
 for ms-swift); they never branch on a kind. A new kind of teacher is one file with one class.
@@ -37,6 +42,81 @@ DEFAULT = ""
 """The name of the default teacher in `TermNeeds.teacher_topk` / `LossContext.teacher_topk`."""
 PREFETCHED = "kdcompose_teacher_topk"
 """Key of a micro-batch dict holding, per teacher name, the top-K a prefetching teacher answered."""
+
+
+TOKENIZER_OPTION = "tokenizer"
+"""The YAML key of a remote teacher's tokenizer folder (`rlhf.teachers.NAME: {server: URL,
+tokenizer: PATH}`)."""
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a teacher's tokenizer comes from, before anything loads: `folder` (holding its
+    `tokenizer.json`), None when unknown (`missing_fix` says what to write); `student`: the teacher
+    is known to share the student's tokenizer (a cache built for this student's tokenizer).
+    `origin`: the YAML path messages name; `fingerprint`: what the files must hash to
+    (`TokenTable.fingerprint`; None: unchecked); `files_fix`: what to do when the folder's files
+    are missing or unreadable (default: give the teacher's own folder)."""
+
+    origin: str
+    folder: str | None = None
+    student: bool = False
+    missing_fix: str = ""
+    fingerprint: str | None = None
+    files_fix: str = "give the folder holding the teacher's `tokenizer.json` (its model folder)"
+
+
+def load_tokenizer_files(
+    source: TokenizerSource, label: str, *, transformers: bool = False
+) -> tuple[Any, list[ConfigIssue]]:
+    """The fast tokenizer in `source.folder`, checked against `source.fingerprint`; None with an
+    issue naming `source.origin` when it is missing, unreadable or another tokenizer.
+
+    The fingerprint is always that of its `tokenizer.json` as the `tokenizers` library reads it.
+    What is returned is compared with the student's tokenizer, so it must be loaded the same way:
+    `transformers=False` the `tokenizers.Tokenizer` (the preflight reads the student's that way),
+    `transformers=True` transformers' `AutoTokenizer` (in a run: some tokenizer classes, e.g.
+    Qwen2's, rebuild their model from the vocabulary and change settings on the way, so a
+    tokenizer loaded one way never equals one loaded the other)."""
+    from kdcompose.teachers.alignment import token_table
+
+    folder = Path(str(source.folder))
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None, [
+            ConfigIssue(
+                source.origin,
+                f"{label}: {path} does not exist: {source.files_fix}",
+            )
+        ]
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library's own error type
+        return None, [
+            ConfigIssue(
+                source.origin, f"{label}: {path} is not a readable tokenizer ({error}): {source.files_fix}"
+            )
+        ]
+    if source.fingerprint is not None and token_table(tokenizer).fingerprint != source.fingerprint:
+        return None, [
+            ConfigIssue(
+                source.origin,
+                f"{label}: the tokenizer in {folder} (fingerprint {token_table(tokenizer).fingerprint}) is "
+                "not "
+                f"the one the teacher was scored with ({source.fingerprint}): point it at the teacher's own "
+                "tokenizer",
+            )
+        ]
+    if transformers:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        except Exception as error:  # transformers raises many kinds for a folder it cannot use
+            return None, [ConfigIssue(source.origin, f"{label}: transformers cannot load {folder} ({error})")]
+    return tokenizer, []
 
 
 @dataclass(frozen=True)
@@ -96,6 +176,19 @@ class TeacherProvider:
         if location is None:
             return None
         options = {key: block[key] for key in cls.options if key in block}
+        if TOKENIZER_OPTION in options:  # a folder kdcompose reads: relative to the config, like a cache
+            folder = options[TOKENIZER_OPTION]
+            if not isinstance(folder, str) or not folder:
+                issues.append(
+                    ConfigIssue(
+                        f"{path}.{TOKENIZER_OPTION}",
+                        "must be the folder holding the teacher's `tokenizer.json` (its model folder)",
+                    )
+                )
+                return None
+            from kdcompose.teachers.sources import resolve_config_path
+
+            options[TOKENIZER_OPTION] = resolve_config_path(folder, base_dir)
         return TeacherSource(name, cls.kind, location, f"{path}.{cls.kind}", options)
 
     @classmethod
@@ -121,6 +214,57 @@ class TeacherProvider:
     def describe(self) -> str:
         """How the start-up line names this teacher: `cache DIR`, `server URL`, ..."""
         return f"{self.kind} {self.source.location}"
+
+    @classmethod
+    def tokenizer_source(cls, source: TeacherSource) -> TokenizerSource:
+        """Where this teacher's tokenizer comes from: the source's `tokenizer:` folder, else unknown
+        (a kind that knows more, e.g. a cache's manifest, says so)."""
+        path = f"{source.origin.rsplit('.', 1)[0]}.{TOKENIZER_OPTION}"
+        folder = source.options.get(TOKENIZER_OPTION)
+        if isinstance(folder, str):
+            return TokenizerSource(path, folder=folder)
+        if source.name:
+            fix = (
+                f"add `{TOKENIZER_OPTION}: PATH` (the teacher model's folder, with its tokenizer.json) to "
+                f"{path.rsplit('.', 1)[0]}"
+            )
+        else:
+            fix = (
+                f"declare it as a named teacher, `rlhf.teachers.NAME: {{{source.kind}: "
+                f"{source.location}, {TOKENIZER_OPTION}: PATH}}`, and set `teacher: NAME` on the term"
+            )
+        return TokenizerSource(source.origin, missing_fix=fix)
+
+    def label(self) -> str:
+        """How messages name this teacher: `teacher 'NAME' (server URL)`, `the default teacher
+        (cache DIR)`."""
+        who = f"teacher {self.source.name!r}" if self.source.name else "the default teacher"
+        return f"{who} ({self.kind} {self.source.location})"
+
+    def teacher_tokenizer(self, student_tokenizer: Any) -> tuple[Any, list[ConfigIssue]]:
+        """The run's view of this teacher's tokenizer for the cross-tokenizer plan
+        (`kdcompose.training.cross_tokenizer.TeacherTokenizer`, log-probabilities at temperature 1)
+        and the problems loading it."""
+        from kdcompose.training.cross_tokenizer import TeacherTokenizer
+
+        where = self.tokenizer_source(self.source)
+        tokenizer, issues = None, []
+        if where.student:
+            tokenizer = student_tokenizer
+        elif where.folder is not None:
+            tokenizer, issues = load_tokenizer_files(where, self.label(), transformers=True)
+        teacher = TeacherTokenizer(
+            self.source.name, tokenizer, self.label(), where.origin, where.missing_fix, temperature=1.0
+        )
+        return teacher, issues
+
+    def completions(self, batch: Mapping[str, Any], model_inputs: Mapping[str, Any], k: int) -> list[Any]:
+        """A teacher read across tokenizers: per sample of the micro-batch, its own completion
+        (`kdcompose.training.cross_tokenizer.TeacherCompletion`). Default: what was prefetched."""
+        found = batch.get(PREFETCHED, {}).get(self.source.name)
+        if found is None:
+            raise RuntimeError(f"teacher {self.source.name!r}: nothing was fetched for this micro-batch")
+        return found
 
     # ---------------------------------------------------------------- run side
 
@@ -152,4 +296,12 @@ class TeacherProvider:
         return found
 
 
-__all__ = ["DEFAULT", "PREFETCHED", "TeacherProvider", "TeacherSource"]
+__all__ = [
+    "DEFAULT",
+    "PREFETCHED",
+    "TOKENIZER_OPTION",
+    "TeacherProvider",
+    "TeacherSource",
+    "TokenizerSource",
+    "load_tokenizer_files",
+]

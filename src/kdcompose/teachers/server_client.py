@@ -58,10 +58,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 __all__ = [
+    "COMPLETION_POSITIONS",
     "DEFAULT_BACKOFF_S",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WAIT_S",
+    "ScoredCompletion",
     "ScoredPrompt",
     "TeacherResponseError",
     "TeacherServerClient",
@@ -82,6 +84,10 @@ ENV_BACKOFF = "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S"
 ENV_API_KEY = "KDCOMPOSE_TEACHER_SERVER_API_KEY"
 
 Parsed = tuple[list[list[float]], list[list[int]]]
+COMPLETION_POSITIONS = "completion_positions"
+"""Asked in ``request_config`` and answered per response by ``kdcompose serve-teacher``: the
+positions of ``prompt_token_ids`` its template labels (the completion), for a caller whose
+tokenizer differs from the teacher's."""
 
 
 class ScoredPrompt(tuple):
@@ -399,6 +405,64 @@ class TeacherServerClient:
             out.append(ScoredPrompt(*parse_prompt_logprobs(item.get("prompt_logprobs"), k), scored))
         return out
 
+    def topk_completions(self, infer_requests: Sequence[Any], k: int) -> list[ScoredCompletion]:
+        """Per request, the completion the server encoded with its own template (a teacher with
+        another tokenizer than the caller's): its token ids, and per token the top-``k``
+        log-probabilities and the token's own (:class:`ScoredCompletion`). Asks for
+        ``completion_positions`` (``kdcompose serve-teacher`` answers them: the positions its
+        template labels); a server that does not is a :class:`TeacherResponseError`."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}: expected an integer >= 1")
+        config = {"prompt_logprobs": k, "max_tokens": 1, "temperature": 0.0, COMPLETION_POSITIONS: True}
+        out = []
+        for index, item in enumerate(self.infer_raw(infer_requests, config)):
+            item = item["response"] if "response" in item and "prompt_logprobs" not in item else item
+            out.append(_scored_completion(item, k, self.url, index))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredCompletion:
+    """One request's completion as a server scored it: ``ids`` (the server's token ids of the
+    positions its template labels, in order), per id the top-``k`` ``(topk_logprobs, topk_ids)``
+    of the distribution that predicts it, and ``token_logprobs`` (that id's own log-probability)."""
+
+    ids: list[int]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    token_logprobs: list[float]
+
+
+def _scored_completion(item: Mapping[str, Any], k: int, url: str, index: int) -> ScoredCompletion:
+    def bad(why: str) -> TeacherResponseError:
+        return TeacherResponseError(f"teacher server {url}: response for sample {index}: {why}", url, index)
+
+    ids, positions, entries = (
+        item.get("prompt_token_ids"),
+        item.get(COMPLETION_POSITIONS),
+        item["prompt_logprobs"],
+    )
+    if not isinstance(positions, list) or not isinstance(ids, list):
+        raise bad(
+            f"no {COMPLETION_POSITIONS} / prompt_token_ids: a teacher with another tokenizer needs a server "
+            "that encodes the conversation itself and says which tokens are the completion "
+            "(`kdcompose serve-teacher`)"
+        )
+    out = ScoredCompletion([], [], [], [])
+    for p in positions:
+        if not isinstance(p, int) or not 1 <= p < len(ids):
+            raise bad(f"{COMPLETION_POSITIONS} holds {p!r}, outside 1..{len(ids) - 1}")
+        token, entry = int(ids[p]), entries[p]
+        own = entry.get(str(token))
+        if own is None:
+            raise bad(f"position {p}: no log-probability for its own token {token}")
+        top = sorted(entry.items(), key=lambda kv: -kv[1]["logprob"])[:k]
+        out.ids.append(token)
+        out.topk_ids.append([int(t) for t, _ in top])
+        out.topk_logprobs.append([float(info["logprob"]) for _, info in top])
+        out.token_logprobs.append(float(own["logprob"]))
+    return out
+
 
 def _message(response: Any) -> str:
     try:
@@ -481,6 +545,8 @@ def audit_answers(
         tokenizer=getattr(template, "tokenizer", None),
         fix=(
             "the server encodes the conversation differently from the trainer (another template, system "
-            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and {flag}"
+            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and "
+            f"{flag}; for a teacher with another tokenizer, declare that tokenizer "
+            "(`rlhf.teachers.NAME: {server: URL, tokenizer: PATH}`, docs/cross_tokenizer.md)"
         ),
     )

@@ -2,6 +2,12 @@
 (`kdcompose serve-teacher`, ms-swift's deploy; `rlhf.teachers.NAME: {server: URL}`, or ms-swift's
 own `teacher_model_server` for the default teacher).
 
+A server whose teacher has another tokenizer than the student's is declared with that
+tokenizer, `rlhf.teachers.NAME: {server: URL, tokenizer: PATH}` (the teacher model's folder): it is
+then asked with each sample's conversation as text, encodes it with its own template and answers
+its own completion ids with their log-probabilities (`fetch_completions`), which the trainer
+aligns with the student's by text (`kdcompose.training.cross_tokenizer`).
+
 A server is asked once per generation batch, by each rank for its own samples
 (`prefetches`); its answer must cover every token of every sample (a shorter answer would be
 assembled silently onto the wrong positions). Because each rank asks on its own, a failure on
@@ -23,7 +29,7 @@ import torch.distributed as dist
 from kdcompose.errors import ConfigIssue
 from kdcompose.log import logger
 from kdcompose.registry import register_teacher_source
-from kdcompose.teachers.provider import TeacherProvider, TeacherSource
+from kdcompose.teachers.provider import TOKENIZER_OPTION, TeacherProvider, TeacherSource
 
 
 class TeacherResponseShort(RuntimeError):
@@ -42,6 +48,7 @@ class FetchFailure:
 class ServerTeacher(TeacherProvider):
     location_help = "an http(s) URL of a teacher server (kdcompose serve-teacher, swift deploy)"
     prefetches = True
+    options = (TOKENIZER_OPTION,)
 
     def __init__(self, source: TeacherSource) -> None:
         super().__init__(source)
@@ -92,6 +99,31 @@ class ServerTeacher(TeacherProvider):
                     "check `kdcompose serve-teacher --template` against the run's"
                 )
         return parsed
+
+    def fetch_completions(self, requests: Sequence[Any], k: int) -> list[Any]:
+        """A server with another tokenizer than the student's: per request (the conversation as
+        text, which it encodes with its own template) its completion, as
+        `kdcompose.training.cross_tokenizer.TeacherCompletion`s. Whether the completion spells the
+        student's text is the alignment's check, per sample."""
+        import torch
+
+        from kdcompose.training.cross_tokenizer import TeacherCompletion
+
+        scored = self.client.topk_completions(list(requests), k)
+        if len(scored) != len(requests):
+            raise TeacherResponseShort(
+                f"teacher {self.source.name!r} ({self.source.location}) answered {len(scored)} samples "
+                f"for a micro-batch of {len(requests)}"
+            )
+        return [
+            TeacherCompletion(
+                ids=s.ids,
+                topk_ids=torch.tensor(s.topk_ids, dtype=torch.int64).reshape(len(s.ids), -1),
+                topk_logprobs=torch.tensor(s.topk_logprobs, dtype=torch.float32).reshape(len(s.ids), -1),
+                token_logprobs=torch.tensor(s.token_logprobs, dtype=torch.float32),
+            )
+            for s in scored
+        ]
 
 
 def stop_if_any_rank_failed(failure: FetchFailure | None, message: Callable[[str, str], str]) -> None:

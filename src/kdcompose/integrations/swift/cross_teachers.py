@@ -18,6 +18,14 @@ framework-neutral plan and alignment (`kdcompose.training.cross_tokenizer`):
   the encoding replaces `teacher_model_inputs`, so ms-swift's own teacher forward runs on it.
 * per micro-batch (`aligned`, from `compute_loss`): the two completions are aligned and the
   teacher's logits rows handed to the terms as `LossContext.aligned_teachers`.
+
+A cache or a server with another tokenizer (`rlhf.teachers.NAME: {server: URL, tokenizer: PATH}`,
+a cache built for such a teacher) runs no model here: its provider says where its tokenizer comes
+from (`TeacherProvider.teacher_tokenizer`), the plan compares it with the student's like the local
+teacher's, and per micro-batch the provider's per-sample completions (the teacher's own ids, top-K
+and actual-token log-probabilities: `TeacherProvider.completions`) are aligned with the student's
+(`aligned_from_topk`). A server is asked with each sample's conversation as text (`text_requests`: a
+completion the student generated re-spelled for it), which it encodes with its own template.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import to_device
 
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.teachers.provider import DEFAULT, TeacherSource
+from kdcompose.teachers.provider import DEFAULT, PREFETCHED, TeacherProvider, TeacherSource
 from kdcompose.teachers.retokenize import teacher_response
 from kdcompose.terms.base import AlignedTeacher
 from kdcompose.training.context import ForwardCapture
@@ -38,6 +46,7 @@ from kdcompose.training.cross_tokenizer import (
     CrossTokenizerPlan,
     TeacherTokenizer,
     aligned_from_logits,
+    aligned_from_topk,
     plan_cross_tokenizer,
     teachers_read,
 )
@@ -52,10 +61,24 @@ TEMPLATE_PATH = "rlhf.teacher_template"
 class CrossTeachers:
     """The teachers of one ms-swift run that are taught across tokenizers (see the module doc)."""
 
-    def __init__(self, plan: CrossTokenizerPlan, student_tokenizer: Any, local: LocalTeacher | None) -> None:
+    def __init__(
+        self,
+        plan: CrossTokenizerPlan,
+        student_tokenizer: Any,
+        local: LocalTeacher | None,
+        run_teachers: Any = None,
+        tokenizers: Mapping[str, Any] | None = None,
+    ) -> None:
         self.plan = plan
+        self.tokenizers = dict(tokenizers or {})
+        """Each teacher's tokenizer, by name (a server's re-spells generated completions with it)."""
         self.student_tokenizer = student_tokenizer
         self.local = local if local is not None and DEFAULT in plan else None
+        providers: Mapping[str, TeacherProvider] = getattr(run_teachers, "providers", {})
+        self.remote = {name: p for name, p in providers.items() if name in plan}
+        """The caches and servers taught across tokenizers, by name."""
+        self.k: dict[str, int] = {name: getattr(run_teachers, "k", {}).get(name, 1) for name in self.remote}
+        """The K each hands over: the largest an active term reads (`RunTeachers.k`)."""
 
     @classmethod
     def for_run(
@@ -64,18 +87,29 @@ class CrossTeachers:
         composer: Any,
         sources: Mapping[str, TeacherSource],
         teacher_template: str | None = None,
+        run_teachers: Any = None,
     ) -> CrossTeachers | None:
         """Compare every teacher the active terms read with the student's tokenizer; None when no
-        teacher needs the cross-tokenizer path. Raises ConfigError naming what rules the run out."""
+        teacher needs the cross-tokenizer path. Raises ConfigError naming what rules the run out.
+        `run_teachers`: the run's caches and servers, opened (`teachers.RunTeachers`)."""
         terms = composer.active_terms
         remote = frozenset(sources)
         student_tokenizer = trainer.template.tokenizer
         local = None
         teachers = []
+        issues: list[ConfigIssue] = []
         if DEFAULT not in remote and any(DEFAULT in teachers_read(t.needs, remote) for t in terms):
             local = LocalTeacher(trainer, teacher_template)
             teachers.append(local.describe())
-        plan, issues = plan_cross_tokenizer(terms, student_tokenizer, teachers, remote)
+        for name, provider in sorted(getattr(run_teachers, "providers", {}).items()):
+            if any(name in teachers_read(t.needs, remote) for t in terms):
+                teacher, found = provider.teacher_tokenizer(student_tokenizer)
+                issues += found
+                if not found:
+                    teachers.append(teacher)
+        plan, planned = plan_cross_tokenizer(terms, student_tokenizer, teachers, remote)
+        issues += planned
+        tokenizers = {t.name: t.tokenizer for t in teachers}
         if not issues and plan and getattr(trainer.template, "padding_free", False):
             issues.append(
                 ConfigIssue(
@@ -89,7 +123,12 @@ class CrossTeachers:
             issues += local.prepare_template(plan.teachers[DEFAULT].identical)
         if issues:
             raise ConfigError(issues, source=SOURCE)
-        return cls(plan, student_tokenizer, local) if plan else None
+        return cls(plan, student_tokenizer, local, run_teachers, tokenizers) if plan else None
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The teachers read across tokenizers (their top-K goes only to `aligned_teachers`)."""
+        return frozenset(self.plan.teachers)
 
     @property
     def local_default(self) -> bool:
@@ -113,7 +152,27 @@ class CrossTeachers:
             chunk.setdefault(KEPT, {})[DEFAULT] = kept
         return chunks
 
+    def fetch(self, name: str, chunk: dict[str, Any], samples: Sequence[Any]) -> None:
+        """Ask a server read across tokenizers for one micro-batch (from `RunTeachers.prefetch`,
+        whose failure handling covers it): the conversations as text; its per-sample completions
+        are kept in the micro-batch for `aligned`."""
+        labels = chunk["model_inputs"]["labels"]
+        requests, kept = text_requests(samples, self.student_tokenizer, self.tokenizers[name], labels)
+        chunk.setdefault(PREFETCHED, {})[name] = self.remote[name].fetch_completions(requests, self.k[name])
+        chunk.setdefault(KEPT, {})[name] = kept
+
     # ------------------------------------------------------------------ per micro-batch
+
+    def completions(
+        self, inputs: Mapping[str, Any], model_inputs: Mapping[str, Any], live: frozenset[str]
+    ) -> dict[str, Any]:
+        """Per-sample completions of each cache or server a live term reads at this step
+        (`model_inputs` untrimmed: a cache finds rows by the whole encoding)."""
+        return {
+            name: provider.completions(inputs, model_inputs, self.k[name])
+            for name, provider in sorted(self.remote.items())
+            if name in live
+        }
 
     def aligned(
         self,
@@ -122,10 +181,20 @@ class CrossTeachers:
         teacher_labels: torch.Tensor | None,
         teacher_inputs: Mapping[str, Any],
         teacher: ForwardCapture | None,
+        remote: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, AlignedTeacher]:
-        """The aligned view of each cross-tokenizer teacher of this micro-batch. The local
-        teacher's logits move from the capture into it (no term reads them position by position)."""
+        """The aligned view of each cross-tokenizer teacher of this micro-batch (`remote`: what
+        `completions` returned). The local teacher's logits move from the capture into it (no term
+        reads them position by position)."""
         out: dict[str, AlignedTeacher] = {}
+        for name, completions in sorted((remote or {}).items()):
+            out[name] = aligned_from_topk(
+                self.plan.teachers[name],
+                student_labels,
+                completions,
+                kept=inputs.get(KEPT, {}).get(name),
+                device=student_labels.device,
+            )
         if self.local is not None and teacher is not None and teacher.logits is not None:
             assert teacher_labels is not None
             out[DEFAULT] = aligned_from_logits(
@@ -138,6 +207,70 @@ class CrossTeachers:
             )
             teacher.logits = None
         return out
+
+
+def teacher_template(
+    processor: Any, template_type: str | None, student: Any, same_family: bool, what: str
+) -> Any:
+    """The teacher's own ms-swift template, as a GKD run encodes with it (`max_length` unset, the
+    student template's truncation and padding side), not yet in train mode: `template_type`
+    (`rlhf.teacher_template`), else ms-swift's default for the teacher's model type, else the
+    student's when both share a model type (`same_family`). A ConfigIssue when none can be chosen
+    (`what` names the teacher). Also what `kdcompose teacher-cache` encodes a cross-tokenizer
+    teacher's samples with, so a cache's rows and a run's encoding agree."""
+    from swift.template import get_template
+
+    options = {
+        "max_length": None,  # ms-swift's GKD encodes with max_length unset (_template_context)
+        "truncation_strategy": student.truncation_strategy,
+        "padding_side": student.padding_side,
+        "max_pixels": getattr(student, "max_pixels", None),
+    }
+    try:
+        return get_template(processor, template_type=template_type, **options)
+    except ValueError as error:
+        if template_type is None and same_family:
+            return get_template(processor, template_type=student.template_meta.template_type, **options)
+        return ConfigIssue(
+            TEMPLATE_PATH,
+            f"the teacher ({what}) has another tokenizer, so it encodes every sample with its own template, "
+            f"and ms-swift cannot choose one: {error} Set `{TEMPLATE_PATH}` to the template the teacher was "
+            "trained with",
+        )
+
+
+def text_requests(
+    samples: Sequence[Any], student_tokenizer: Any, teacher_tokenizer: Any, labels: torch.Tensor
+) -> tuple[list[Any], list[int]]:
+    """A server's requests for one micro-batch of a teacher with another tokenizer: each sample's
+    conversation as text, for the server to encode with its own template (ms-swift's requests
+    carry a generated completion as the student's token ids), and per sample how many of the
+    student's completion tokens it covers (`kdcompose.teachers.retokenize`)."""
+    requests, kept = [], []
+    for sample, row in zip(samples, labels.detach().cpu(), strict=True):
+        completion = row[row != -100].tolist()
+        request = sample.to_infer_request()
+        request.add_eos = "auto" if getattr(sample, "add_eos", None) is None else sample.add_eos
+        if not sample.response_token_ids:
+            requests.append(request)
+            kept.append(len(completion))
+            continue
+        if isinstance(sample.response_token_ids[0], list) and len(sample.response_token_ids) > 1:
+            raise ConfigError.single(
+                "rlhf.lmbda",
+                "on-policy distillation from a teacher with another tokenizer supports single-turn rollouts "
+                "only (this sample has several generated turns)",
+                source=SOURCE,
+            )
+        response = teacher_response(student_tokenizer, teacher_tokenizer, completion)
+        messages = [dict(m) for m in request.messages]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        messages[last]["content"] = response.content
+        request.messages = messages
+        request.add_eos = response.add_eos
+        requests.append(request)
+        kept.append(response.kept)
+    return requests, kept
 
 
 class LocalTeacher:
@@ -173,39 +306,21 @@ class LocalTeacher:
 
     def prepare_template(self, identical: bool) -> list[ConfigIssue]:
         """Build the teacher's own template (issues: none can be chosen)."""
-        from swift.template import get_template
-
         self.identical = identical
         student = self.trainer.template
         if self.info is None:
             self.template = student
             return []
-        options = {
-            "max_length": None,  # ms-swift's GKD encodes with max_length unset (_template_context)
-            "truncation_strategy": student.truncation_strategy,
-            "padding_side": student.padding_side,
-            "max_pixels": getattr(student, "max_pixels", None),
-        }
-        try:
-            template = get_template(self.processor, template_type=self.template_type, **options)
-        except ValueError as error:
-            if (
-                self.template_type is None
-                and self.info.model_type == self.trainer.model.model_meta.model_type
-            ):
-                template = get_template(
-                    self.processor, template_type=student.template_meta.template_type, **options
-                )
-            else:
-                return [
-                    ConfigIssue(
-                        TEMPLATE_PATH,
-                        f"the teacher ({self.info.model_dir}, model type {self.info.model_type}) has another "
-                        "tokenizer, so it encodes every sample with its own template, and ms-swift cannot "
-                        f"choose one: {error} Set `{TEMPLATE_PATH}` to the template the teacher was "
-                        "trained with",
-                    )
-                ]
+        same_family = self.info.model_type == self.trainer.model.model_meta.model_type
+        template = teacher_template(
+            self.processor,
+            self.template_type,
+            student,
+            same_family,
+            f"{self.info.model_dir}, model type {self.info.model_type}",
+        )
+        if isinstance(template, ConfigIssue):
+            return [template]
         template.set_mode("train")
         template.model = self.model  # position ids (mrope) come from the teacher's own config
         self.template = template
@@ -252,4 +367,4 @@ class LocalTeacher:
         return self.template.encode(data, return_length=True), response.kept
 
 
-__all__ = ["KEPT", "CrossTeachers", "LocalTeacher"]
+__all__ = ["KEPT", "CrossTeachers", "LocalTeacher", "teacher_template", "text_requests"]

@@ -75,6 +75,9 @@ class RunTeachers:
             )
         if issues:
             raise ConfigError(issues, source="kdcompose teachers")
+        self.cross: Any = None
+        """The run's `CrossTeachers` (set by the trainer): a server read across tokenizers is asked
+        with the conversations as text, and answers per-sample completions."""
 
     def describe(self) -> dict[str, str]:
         """Where each teacher comes from, as the start-up line says it."""
@@ -97,6 +100,9 @@ class RunTeachers:
             requests = build_teacher_requests(samples, template)
             target = chunk["teacher_model_inputs"]
             for name in wanted:
+                if self.cross is not None and name in self.cross.remote:
+                    self.cross.fetch(name, chunk, samples)
+                    continue
                 k = self.k[name]
                 answer = self.providers[name].fetch(requests, target, k, template)
                 out = assemble_teacher_output(
@@ -112,9 +118,10 @@ class RunTeachers:
         self, inputs: Mapping[str, Any], model_inputs: Mapping[str, Any], live: frozenset[str]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Whole-sequence top-K of this micro-batch for each teacher a live term reads."""
+        aligned = self.cross.names if self.cross is not None else frozenset()  # read over aligned text
         return {
             name: self.providers[name].topk(inputs, model_inputs, self.k[name])
-            for name in sorted(live & set(self.providers))
+            for name in sorted((live & set(self.providers)) - aligned)
         }
 
 

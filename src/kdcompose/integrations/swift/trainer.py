@@ -128,7 +128,11 @@ class KDComposeGKDTrainer(GKDTrainer):
         composer.remote_teachers = frozenset(sources)
         run_teachers = teachers.RunTeachers(sources, composer, self.template) if sources else None
         checks.check_trainer(self, composer.needs, composer.active_terms)
-        cross = CrossTeachers.for_run(self, composer, sources, self.kd_teacher_template)  # other tokenizers
+        cross = CrossTeachers.for_run(  # teachers with other tokenizers
+            self, composer, sources, self.kd_teacher_template, run_teachers
+        )
+        if run_teachers is not None:
+            run_teachers.cross = cross
         attachments = ModelAttachments(
             composer,
             self.model,
@@ -161,6 +165,9 @@ class KDComposeGKDTrainer(GKDTrainer):
         topk = {}
         if self.kd_teachers is not None and needs.topk_teachers:
             topk = self.kd_teachers.batch_topk(inputs, model_inputs, needs.topk_teachers)
+        remote = {}  # caches and servers with another tokenizer: per-sample completions, before trimming
+        if cross is not None:
+            remote = cross.completions(inputs, model_inputs, needs.topk_teachers)
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):  # as ms-swift
             self.prepare_logits_to_keep(model_inputs)
             if needs.teacher_language_model:
@@ -171,7 +178,9 @@ class KDComposeGKDTrainer(GKDTrainer):
             student.logits = outputs.logits
         teacher = self._teacher_forward(model, teacher_inputs, needs) if needs.teacher else None
         aligned = (
-            cross.aligned(inputs, whole_labels, teacher_labels, teacher_inputs, teacher) if cross else {}
+            cross.aligned(inputs, whole_labels, teacher_labels, teacher_inputs, teacher, remote)
+            if cross
+            else {}
         )
         context = build_context(
             model_inputs["labels"],

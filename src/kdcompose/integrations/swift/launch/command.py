@@ -256,6 +256,8 @@ def train(
     from kdcompose.integrations.swift.launch.run_summary import run_files
     from kdcompose.integrations.swift.launch.startup_errors import startup_errors_as_config_errors
     from kdcompose.nonfinite import NonFiniteLossError
+    from kdcompose.teachers.alignment import AlignmentError
+    from kdcompose.teachers.audit import TeacherAlignmentError
     from kdcompose.teachers.cache import TeacherCacheError
     from kdcompose.teachers.server_client import TeacherServerError
     from kdcompose.teachers.server_teacher import TeacherResponseShort
@@ -274,8 +276,16 @@ def train(
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=stderr, flush=True)
         return EXIT_INTERRUPTED
-    except (NonFiniteLossError, TeacherServerError, TeacherCacheError, TeacherResponseShort) as exc:
-        # A teacher that cannot be reached or read is a fault with a clear cause: say it, no traceback.
+    except (
+        NonFiniteLossError,
+        TeacherServerError,
+        TeacherCacheError,
+        TeacherResponseShort,
+        TeacherAlignmentError,  # the audit: a teacher scored other tokens / another text
+        AlignmentError,
+    ) as exc:
+        # A teacher that cannot be reached, read or aligned is a fault with a clear cause: say it,
+        # no traceback.
         print(f"kdcompose train: {exc}", file=stderr, flush=True)
         return EXIT_FAILED
     except ConfigError as exc:  # found once the models are loaded (trainer checks): still a config problem

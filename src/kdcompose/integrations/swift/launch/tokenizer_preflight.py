@@ -4,7 +4,8 @@ Part of the model preflight (`model_preflight.inspect_models`), so `kdcompose va
 `kdcompose train` refuse in seconds what the trainer would refuse after loading both models: a
 term that reads a teacher whose tokenizer differs from the student's without `cross_tokenizer`
 (named: the term, the teacher, what differs, the fix), a `cross_tokenizer` term whose teacher's
-tokenizer cannot be known, and an unknown `rlhf.teacher_template`. The tokenizers are read from
+tokenizer cannot be known, and an unknown `rlhf.teacher_template`; likewise for caches and servers
+(their tokenizers from a cache's copy or a `tokenizer:` folder). The tokenizers are read from
 `tokenizer.json` (the files ms-swift loads); anything not readable here is left to the trainer,
 which compares the tokenizers it actually loaded (`integrations.swift.cross_teachers`).
 """
@@ -55,13 +56,41 @@ def tokenizer_issues(
         if tokenizer is not None:
             label = f"the default teacher (local model {teacher.location.name})"
             teachers.append(TeacherTokenizer("", tokenizer, label, "model.teacher_model"))
+    teachers += remote_teachers(config.teachers, student_tokenizer, issues)
     plan, found = plan_cross_tokenizer(
         composer.active_terms, student_tokenizer, teachers, frozenset(config.teachers)
     )
     issues += found
-    if "" in plan and template is None and registry is not None:
+    if "" in plan and "" not in config.teachers and template is None and registry is not None:
         issues += _template_choice_issues(student, teacher, registry)
     return issues, plan
+
+
+def remote_teachers(
+    sources: Any, student_tokenizer: Any, issues: list[ConfigIssue]
+) -> list[TeacherTokenizer]:
+    """The caches' and servers' tokenizers, from where each kind says they are (a cache's copy, a
+    `tokenizer:` folder; `TeacherProvider.tokenizer_source`); a folder that is missing, unreadable or
+    holds another tokenizer than the one recorded goes into `issues`."""
+    from kdcompose.registry import get_teacher_source
+    from kdcompose.teachers.provider import load_tokenizer_files
+
+    out = []
+    for name, source in sorted(sources.items()):
+        provider = get_teacher_source(source.kind)(source)
+        where = provider.tokenizer_source(source)
+        tokenizer = student_tokenizer if where.student else None
+        if where.folder is not None:
+            tokenizer, found = load_tokenizer_files(where, provider.label())
+            issues += found
+            if found:
+                continue
+        out.append(
+            TeacherTokenizer(
+                name, tokenizer, provider.label(), where.origin, where.missing_fix, temperature=1.0
+            )
+        )
+    return out
 
 
 def _template_choice_issues(student: Any, teacher: Any, registry: Any) -> list[ConfigIssue]:
@@ -84,4 +113,4 @@ def _template_choice_issues(student: Any, teacher: Any, registry: Any) -> list[C
     ]
 
 
-__all__ = ["read_tokenizer", "tokenizer_issues"]
+__all__ = ["read_tokenizer", "remote_teachers", "tokenizer_issues"]
