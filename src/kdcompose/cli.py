@@ -115,7 +115,7 @@ def _plot(args: argparse.Namespace) -> int:
     from kdcompose.plot import PlotError, PlotUnavailableError, plot_run
 
     try:
-        run, out = plot_run(args.run_dir, args.output)
+        run, out = plot_run(args.run_dir, args.output, log_y=args.log_y)
     except PlotError as exc:
         print(f"kdcompose plot: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -160,9 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_plugin_path)
 
-    p = sub.add_parser("plot", help="draw a run's loss composition (stacked terms) from its logging.jsonl")
+    p = sub.add_parser(
+        "plot",
+        help="draw a run's loss composition: the terms stacked, then one panel per term",
+        description="Draw a run's loss composition from its logging.jsonl: the weighted terms stacked "
+        "under the total, then one panel per term on its own y scale (its parts dashed, its "
+        "evaluation points, its diagnostics on a right axis). A term skipped on a step is a gap.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (v<N>-<time>) or its output_dir (newest)")
     p.add_argument("-o", "--output", metavar="PNG", help="output file (default: RUN/loss_composition.png)")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axes (terms of very different sizes)")
     p.set_defaults(func=_plot)
 
     from kdcompose.teachers import cache_cli
