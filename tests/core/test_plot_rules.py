@@ -208,3 +208,43 @@ def test_a_log_without_plottable_rows_names_the_file(tmp_path):
     (tmp_path / "logging.jsonl").write_text('{"grad_norm": 1.0, "global_step/max_steps": "1/4"}\n')
     with pytest.raises(PlotError, match="no plottable rows"):
         load_plot_data(tmp_path)
+
+
+def _write_run(folder, rows) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_cli_plot_writes_into_the_run_folder_and_names_the_log(tmp_path, capsys):
+    from kdcompose.cli import main
+
+    run = tmp_path / "out" / "v0-20250101-000000"
+    _write_run(run, ROWS)
+    assert main(["plot", str(tmp_path / "out"), "--log-y"]) == 0
+    out = capsys.readouterr().out
+    assert f"read {run / 'logging.jsonl'} (the only run under {tmp_path / 'out'})" in out
+    assert (run / "loss_composition.png").read_bytes()[:8] == PNG_SIGNATURE
+    target = tmp_path / "elsewhere" / "p.png"
+    assert main(["plot", str(run), "-o", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out and target.is_file()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such folder"),
+        (lambda p: (p / "checkpoint-1").mkdir(parents=True), "no logging.jsonl here or in its run folders"),
+        (lambda p: _write_run(p, [{"grad_norm": 1.0, "global_step/max_steps": "1/4"}]), "no plottable rows"),
+    ],
+)
+def test_cli_plot_exits_2_naming_the_folder_when_there_is_nothing_to_plot(tmp_path, capsys, make, message):
+    from kdcompose.cli import main
+
+    folder = tmp_path / "run"
+    make(folder)
+    assert main(["plot", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(folder) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.png"))
