@@ -62,8 +62,8 @@ def loss_level(repeats: int) -> list[str]:
     import deepspeed
 
     from kdcompose.functional import fused_linear_generalized_jsd
-    from kdcompose.integrations.swift.engines import single_process_env
     from kdcompose.sharding import call_through_head
+    from kdcompose.training.engines import single_process_env
 
     os.environ.update(single_process_env())
     deepspeed.init_distributed(dist_backend="gloo")

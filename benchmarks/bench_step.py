@@ -8,7 +8,7 @@ Usage (from the repository root)::
     python benchmarks/bench_step.py --only lm-kd-0         # one comparison (and its baseline)
 
 One process builds the tiny Qwen2-VL teacher/student pair of ``kdcompose.testing`` through
-ms-swift 4.6's own RLHF pipeline (``kdcompose.integrations.swift.pipeline.build_trainer``) and
+ms-swift 4.6's own RLHF pipeline (``kdcompose.integrations.swift.launch.pipeline.build_trainer``) and
 takes real micro-batches from its dataloader and ``_prepare_inputs`` (dataset batches,
 ``lmbda 0``). Every variant runs on that same trainer, models and batches; a step is
 ``compute_loss`` + ``backward`` + ``AdamW.step`` + ``zero_grad``. Variants:
@@ -124,7 +124,7 @@ def longer_responses(out_dir: Path, repeat: int) -> Path:
 
 def build_trainer(batch_size: int, repeat: int, out_dir: Path) -> Any:
     from kdcompose import parse_config
-    from kdcompose.integrations.swift.pipeline import build_trainer as build
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer as build
     from kdcompose.integrations.swift.runtime import prepare_swift_import
     from kdcompose.testing import tiny_gkd_args, tiny_run_env
 

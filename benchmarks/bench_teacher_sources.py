@@ -80,25 +80,23 @@ def _switch(trainer: Any, variant: str, cache_dir: Path, url: str) -> None:
     """Point the trainer's default teacher at `variant` (outside the timed region)."""
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
 
-    from kdcompose.integrations.swift.spec import TEACHERS_ATTR
     from kdcompose.teachers.server_client import VLLMFreeInferClient
     from kdcompose.teachers.sources import TeacherSource
 
     teachers = {}
     if variant == "cache":
-        teachers = {"": TeacherSource("", "cache", str(cache_dir), "rlhf.teacher_cache").to_dict()}
-    setattr(trainer.args, TEACHERS_ATTR, teachers)
+        teachers = {"": TeacherSource("", "cache", str(cache_dir), "rlhf.teacher_cache")}
     served = variant == "served"
     trainer.use_teacher_api = served
     trainer.teacher_model_server = url if served else None
     trainer.teacher_configs = parse_teacher_model_server(url) if served else []
     trainer.teacher_clients = [VLLMFreeInferClient(base_urls=[url])] if served else []
-    trainer.use_composer(trainer.kd_composer)
+    trainer.use_composer(trainer.kd_composer, teachers)
 
 
 def run(args: argparse.Namespace) -> None:
     from kdcompose import parse_config
-    from kdcompose.integrations.swift.pipeline import build_trainer
+    from kdcompose.integrations.swift.launch.pipeline import build_trainer
     from kdcompose.integrations.swift.runtime import prepare_swift_import
     from kdcompose.serve.process import ServerProcess
     from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE, tiny_run_env

@@ -15,8 +15,10 @@ from kdcompose.composer import CompositionOutput, LossComposer, TermResult, buil
 from kdcompose.composition import Composition, ResolvedTerm
 from kdcompose.config import KDConfig, load_config, parse_config, parse_config_text
 from kdcompose.errors import ConfigError, ConfigIssue, UnknownTermError
+from kdcompose.nonfinite import NonFiniteLossError
 from kdcompose.registry import get_term_class, register_term, registered_terms
 from kdcompose.terms import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
+from kdcompose.training.distiller import Distiller, DistillOutput
 
 __version__ = "0.1.0"
 
@@ -25,11 +27,14 @@ __all__ = [
     "CompositionOutput",
     "ConfigError",
     "ConfigIssue",
+    "DistillOutput",
+    "Distiller",
     "FeaturePair",
     "KDConfig",
     "LossComposer",
     "LossContext",
     "LossTerm",
+    "NonFiniteLossError",
     "ResolvedTerm",
     "Tap",
     "TermNeeds",

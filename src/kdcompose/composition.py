@@ -1,8 +1,8 @@
 """The resolved loss composition: which terms, with which validated specs, declared where.
 
-Produced by `kdcompose.legacy.resolve_composition` (YAML + legacy knobs) once per run and
-handed as is to the composer and the trainer. Checks here are generic: they ask each term
-(`LossTerm.config_issues`) instead of knowing any term's fields.
+Produced by `kdcompose.resolve.resolve_composition` (YAML + ms-swift's knobs), built into a
+composer once per run, and written as an explicit `loss_terms` block wherever a run records what
+it trained (`args.json`, `kdcompose_composition.yaml`). A record only: no checks, no building.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcompose.errors import ConfigIssue
-from kdcompose.registry import get_term_class
 from kdcompose.terms.base import TermSpec
 
 LOSS_TERMS_PATH = "rlhf.loss_terms"
@@ -73,20 +71,3 @@ def loss_terms_block(terms: Iterable[tuple[str, str, TermSpec]]) -> dict[str, di
         block["type"] = type_name
         out[name] = block
     return out
-
-
-def check_composition(
-    composition: Composition, issues: list[ConfigIssue], where: str = LOSS_TERMS_PATH
-) -> None:
-    """What each active term says about its own settings, and that something is active
-    (`where`: the path to name when nothing is)."""
-    for term in composition.active_terms:
-        issues.extend(get_term_class(term.type)(term.name, term.spec, term.path).config_issues())
-    if not composition.active_terms:
-        issues.append(
-            ConfigIssue(
-                where,
-                "no active loss term: every term has weight 0. Give at least one term a positive weight "
-                "(e.g. rlhf.llm_kd_weight > 0, or enable custom.visual_kd)",
-            )
-        )

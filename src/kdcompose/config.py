@@ -3,8 +3,8 @@
 Layout (DESIGN.md "Contract"): sections `model`, `template`, `data`, `tuner`, `training`,
 `rlhf`, `custom` hold ms-swift argument names; the sections are for readability, so an
 argument may sit in any of them, but the same key in two sections is an error. kdcompose's
-own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight`, `rlhf.teacher_cache`, `rlhf.teachers`
-and `custom.visual_kd`, plus a
+own keys are `rlhf.loss_terms`, `rlhf.llm_kd_weight`, `rlhf.teacher_cache`, `rlhf.teachers`,
+`rlhf.teacher_template` and `custom.visual_kd`, plus a
 top-level `plugins:` list of modules (or .py files) that register custom terms — the only
 way besides the `kdcompose.terms` entry-point group that a config can bring in code.
 Checking argument names against ms-swift happens in the launcher (it needs ms-swift);
@@ -16,14 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from kdcompose.composer import LossComposer
 from kdcompose.composition import Composition
 from kdcompose.errors import ConfigError, ConfigIssue
-from kdcompose.legacy import (
+from kdcompose.resolve import (
     GkdKnobs,
     parse_gkd_knobs,
     resolve_composition,
@@ -40,6 +42,7 @@ OWN_KEYS: dict[str, str] = {
     "visual_kd": "custom",
     "teacher_cache": "rlhf",
     "teachers": "rlhf",
+    "teacher_template": "rlhf",
 }
 """kdcompose's own keys and the section each must live in."""
 
@@ -57,26 +60,36 @@ class KDConfig:
     source: str | None = None
     teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
     """Teachers that are caches or servers, by name (`""`: the default teacher)."""
+    teacher_template: str | None = None
+    """`rlhf.teacher_template`: the ms-swift template the local teacher encodes samples with when
+    its tokenizer differs from the student's (like ms-swift's `reward_template`); None: the
+    teacher model type's own (docs/cross_tokenizer.md)."""
+
+    @cached_property
+    def composer(self) -> LossComposer:
+        """The composition's terms, built once for the run (every later stage reads this one)."""
+        composer = LossComposer.from_composition(self.composition)
+        composer.remote_teachers = frozenset(self.teachers)
+        return composer
 
     @property
     def llm_kd_weight(self) -> float:
         """The runtime LM-head KD weight (the `lm_jsd` term's weight; 0 if disabled)."""
-        from kdcompose.legacy import legacy_llm_kd_weight
+        from kdcompose.resolve import legacy_llm_kd_weight
 
         return legacy_llm_kd_weight(self.composition.terms)
 
     @property
     def needs_teacher(self) -> bool:
-        from kdcompose.composer import build_composer
-
-        return build_composer(self.composition).needs.teacher
+        return self.composer.needs.teacher
 
 
 def _import_plugin(entry: str, base_dir: Path | None) -> None:
     if entry.endswith(".py"):
-        path = Path(entry)
+        path = Path(entry).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
+        path = path.resolve()
         if not path.is_file():
             raise FileNotFoundError(f"plugin file not found: {path}")
         name = f"kdcompose_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
@@ -189,27 +202,47 @@ def parse_config(data: Any, source: str | None = None) -> KDConfig:
     composition = resolve_composition(
         own.get("loss_terms"), own.get("llm_kd_weight"), own.get("visual_kd"), knobs, issues
     )
-    teachers = parse_sources(own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues)
-    if composition is not None and not issues:
-        from kdcompose.composer import build_composer
-
-        issues += source_issues(teachers, build_composer(composition), swift_args, arg_paths)
+    teachers = parse_sources(
+        own.get("teacher_cache"), own.get("teachers"), swift_args, arg_paths, issues, base_dir
+    )
+    teacher_template = own.get("teacher_template")
+    if teacher_template is not None and (not isinstance(teacher_template, str) or not teacher_template):
+        issues.append(
+            ConfigIssue(
+                "rlhf.teacher_template",
+                "must be an ms-swift template name (the one the teacher model was trained with, e.g. llama3)",
+            )
+        )
     if issues or composition is None:
         raise ConfigError(issues or [ConfigIssue("", "invalid config")], source=source)
-    return KDConfig(
+    config = KDConfig(
         composition=composition,
         swift_args=swift_args,
         arg_paths=arg_paths,
         knobs=knobs,
         source=source,
         teachers=teachers,
+        teacher_template=teacher_template,
     )
+    issues += source_issues(teachers, config.composer, swift_args, arg_paths)
+    if issues:
+        raise ConfigError(issues, source=source)
+    return config
 
 
 def parse_config_text(text: str, source: str | None = None) -> KDConfig:
     return parse_config(parse_yaml(text, source=source), source=source)
 
 
-def load_config(path: str | Path) -> KDConfig:
-    """Read, parse and validate a YAML config file (never loads a model)."""
-    return parse_config(load_yaml_file(path), source=str(path))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> KDConfig:
+    """Read, parse and validate a YAML config file (never loads a model). `overrides` are
+    `DOTTED.KEY=VALUE` strings (`kdcompose train/validate --set`), applied to the parsed YAML
+    before validation, so they are checked exactly like the file (kdcompose.overrides)."""
+    from kdcompose.overrides import apply_overrides, note_overrides, parse_overrides
+
+    parsed = parse_overrides(overrides)
+    data = apply_overrides(load_yaml_file(path), parsed, source=str(path))
+    try:
+        return parse_config(data, source=str(path))
+    except ConfigError as exc:
+        raise note_overrides(exc, parsed) from None

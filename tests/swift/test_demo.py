@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from swift_support import kdcompose_command, run_command
 
 from kdcompose import parse_config
 from kdcompose.demo import CONFIG_NAME, CONTROL_CONFIG_NAME, PLOT_FILE, SUMMARY_FILE, TERM_METRICS
 from kdcompose.plot import LOG_FILE, classify, read_rows
-from swift_support import kdcompose_command, run_command
 
 pytestmark = pytest.mark.swift
 
@@ -187,10 +187,10 @@ def test_the_fast_encoder_equals_ms_swift_template_encoding(demo):
     """The teacher's training and the evaluation encode pictures and captions themselves; what
     they build must be exactly what ms-swift feeds the students for the same dataset row."""
     import torch
+    from swift import get_model_processor, get_template
 
     from kdcompose.testing.caption_task import TaskEncoder, TaskSpec, task_samples
     from kdcompose.testing.datasets import load_rows
-    from swift import get_model_processor, get_template
 
     out, summary, _, _ = demo
     rows = load_rows(out / "data" / "labelled" / "data.jsonl")[:3]

@@ -94,3 +94,24 @@ def _widen(narrow: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
     extra = wide[..., width:].detach().to(narrow.dtype)
     # cat keeps the narrow side's graph (the student's, when it is the narrow one).
     return torch.cat([narrow, extra], dim=-1)
+
+
+def align_labelled_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(student, teacher, labels)` ready for a per-token divergence. Equal widths: returned as
+    they are. Widths that differ by padding: only the labelled rows of both (`labels !=
+    ignore_index`), widened to one width by `align_vocab`, with their labels -- as ms-swift
+    aligns them, and without widening the rows no loss is taken on."""
+    if student_logits.shape[-1] == teacher_logits.shape[-1]:
+        return student_logits, teacher_logits, labels
+    mask = labels != ignore_index
+    student_rows, teacher_rows = align_vocab(
+        student_logits[mask], teacher_logits[mask], vocab_size=vocab_size
+    )
+    return student_rows, teacher_rows, labels[mask]

@@ -1,8 +1,12 @@
-"""Numeric field types shared by every spec.
+"""Field types shared by every spec (the built-in terms' and users' own).
 
 YAML users write `weight: 1` as often as `weight: 1.0`, so integers are accepted; but a
 string ("0.5"), a boolean (`yes` parses to True), NaN, inf or a negative number is always
 a mistake in a loss weight, and silently coercing it would train the wrong objective.
+
+The same goes for switches: a plain `bool` field in a pydantic model accepts the strings
+"yes", "off", "1" and the numbers 0 and 1, so `enabled: "no"` (quoted) would silently turn
+something on or off by pydantic's reading of a word. `Bool` accepts only YAML's true/false.
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ def _probability(value: Any) -> float:
     return result
 
 
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"must be true or false, got {type(value).__name__} {value!r}; write true or false without quotes"
+        )
+    return value
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"must be a whole number, got {type(value).__name__} {value!r}")
@@ -79,3 +91,7 @@ PositiveInt = Annotated[int, BeforeValidator(_positive_int), Field(json_schema_e
 
 NonNegativeInt = Annotated[int, BeforeValidator(_non_negative_int), Field(json_schema_extra={"minimum": 0})]
 """A whole number >= 0 (warm-up steps)."""
+
+Bool = Annotated[bool, BeforeValidator(_strict_bool)]
+"""A switch: only `true` / `false` (never "yes", "1", 0 or 1). Use it for a user's term spec too:
+`enabled: Bool = True`."""

@@ -5,6 +5,8 @@
 - :mod:`kdcompose.teachers.cache_keys` — :func:`sample_keys`, the content key shared by the
   cache builder and the reader.
 - :mod:`kdcompose.teachers.cache_build` — the builder (imports ms-swift).
+- :mod:`kdcompose.teachers.alignment` — byte alignment of two tokenizations of one completion,
+  tokenizer identity and the vocabulary map, for teachers with another tokenizer.
 
 Importing this package is cheap (no torch): names are loaded on first use.
 """
@@ -15,6 +17,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "AlignmentError": "kdcompose.teachers.alignment",
+    "TokenAlignment": "kdcompose.teachers.alignment",
+    "VocabMapping": "kdcompose.teachers.alignment",
+    "align_text": "kdcompose.teachers.alignment",
+    "align_token_ids": "kdcompose.teachers.alignment",
+    "same_tokenizer": "kdcompose.teachers.alignment",
+    "token_table": "kdcompose.teachers.alignment",
+    "tokenizer_difference": "kdcompose.teachers.alignment",
+    "vocab_mapping": "kdcompose.teachers.alignment",
     "TeacherCache": "kdcompose.teachers.cache",
     "TeacherCacheError": "kdcompose.teachers.cache",
     "model_fingerprint": "kdcompose.teachers.cache",

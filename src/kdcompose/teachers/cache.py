@@ -3,27 +3,32 @@
 Layout of a cache directory (written by ``kdcompose teacher-cache``, see
 :mod:`kdcompose.teachers.cache_build`)::
 
-    DIR/manifest.json                      what was cached, from what, and how much
+    DIR/manifest.json                      what was cached, from what, and each shard's checksum
     DIR/shard-r<rank>-<seq>.safetensors    rows of a few hundred samples each
+    DIR/.verified.json                     which shards were checked when (see cache_integrity)
 
 A shard is a plain safetensors file (memory-mapped on read, no pickle) holding
 
-- ``keys``      uint8 ``[n, 16]``  sample keys (:func:`kdcompose.teachers.cache_keys.sample_keys`)
-- ``offsets``   int64 ``[n + 1]``  the sample's rows are ``offsets[i]:offsets[i + 1]``
-- ``lengths``   int32 ``[n]``      unpadded sequence length (a cheap consistency check)
-- ``positions`` int32 ``[N]``      logits position of each row inside the unpadded sequence
-- ``ids``       int32 ``[N, K]``   the teacher's top-K token ids, by descending probability
-- ``logprobs``  ``[N, K]``         their log-probabilities at temperature 1 (float16 by default)
+- ``keys``           uint8 ``[n, 16]``  sample keys (:func:`kdcompose.teachers.cache_keys.sample_keys`)
+- ``offsets``        int64 ``[n + 1]``  the sample's rows are ``offsets[i]:offsets[i + 1]``
+- ``lengths``        int32 ``[n]``      unpadded sequence length (a cheap consistency check)
+- ``positions``      int32 ``[N]``      logits position of each row inside the unpadded sequence
+- ``ids``            int32 ``[N, K]``   the teacher's top-K token ids, by descending probability
+- ``logprobs``       ``[N, K]``         their log-probabilities at temperature 1 (float16 by default)
+- ``tokens``         int32 ``[N]``      the token each row's distribution was scored for (the
+  sequence's token at ``position + 1``): what the alignment audit compares with the student's
+- ``token_logprobs`` ``[N]``            its log-probability at temperature 1 (same dtype)
 
-so a cached position costs ``6K + 4`` bytes with float16 plus ``28`` bytes per sample, well
-under the ``6K + 32`` budget. Temperature is applied at training time by the loss, which is why
+so a cached position costs ``6K + 10`` bytes with float16 plus 28 bytes per sample, under the
+``6K + 32`` budget. Temperature is applied at training time by the loss, which is why
 log-probabilities at T = 1 are stored (``log_softmax(z / T)`` is not recoverable from the
 top-K of another temperature, but the top-K *set* is the same for every T, and the loss
 renormalises over it).
 
 Shards are written to a temporary name and renamed, so a shard either exists whole or not at
-all; the manifest is rewritten (also atomically) after every shard. Every shard is self-describing,
-so the reader indexes whatever shards exist, from any number of ranks.
+all; the manifest (rewritten atomically after every shard) lists each shard with its size and
+checksum, and only listed shards are read. Each shard's header also names the cache it belongs
+to and the checksum of its data (:mod:`kdcompose.teachers.cache_integrity`).
 """
 
 from __future__ import annotations
@@ -40,11 +45,27 @@ from typing import Any
 
 import torch
 
+from kdcompose.teachers.audit import check_same_tokens
+from kdcompose.teachers.cache_integrity import (
+    CACHE_ID_KEY,
+    CHECKSUM,
+    DATA_CHECKSUM_KEY,
+    bytes_checksum,
+    issues_message,
+    shard_records,
+    verify_cache,
+)
 from kdcompose.teachers.cache_keys import KEY_BYTES, labelled_positions, sample_keys, unpadded_positions
 
-FORMAT = "kdcompose-teacher-cache/1"
+FORMAT = "kdcompose-teacher-cache/2"
+OLD_FORMATS = {
+    "kdcompose-teacher-cache/1": "it records no checksums and not the tokens it scored",
+}
+"""Formats this kdcompose cannot read, with what they lack (said in the rebuild message)."""
 MANIFEST_NAME = "manifest.json"
-SHARD_GLOB = "shard-*.safetensors"
+SHARD_TENSORS = ("keys", "offsets", "lengths", "positions", "ids", "logprobs", "tokens", "token_logprobs")
+_IDENTITY_FIELDS = ("format", "topk", "dtype", "vocab_size")
+_IDENTITY_PARTS = ("teacher", "tokenizer", "template")
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -56,23 +77,6 @@ CACHE_PATH = "rlhf.teacher_cache"
 
 class TeacherCacheError(RuntimeError):
     """A cache that cannot serve a request (missing sample, mismatched batch, broken directory)."""
-
-
-def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K of ``log_softmax(logits / T)`` in float32: ``(logprobs [..., K], ids int64 [..., K])``.
-
-    Uses ``kdcompose.functional.teacher_topk`` when it exists (the shared top-k math); this
-    private equivalent keeps the cache working until it lands. Sorted by descending probability.
-    """
-    try:
-        from kdcompose.functional import teacher_topk as shared  # type: ignore[attr-defined]
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(logits, k, temperature=temperature)
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, ids = logprobs.topk(k, dim=-1, sorted=True)
-    return values, ids.to(torch.int64)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -186,6 +190,20 @@ class SampleRows:
     positions: torch.Tensor  # int32/int64 [n]
     logprobs: torch.Tensor  # [n, K]
     ids: torch.Tensor  # [n, K]
+    tokens: torch.Tensor  # int32/int64 [n]: the token each row was scored for (sequence[position + 1])
+    token_logprobs: torch.Tensor  # [n]: its log-probability
+
+
+def cache_identity(manifest: Mapping[str, Any]) -> str:
+    """What makes rows of two builds interchangeable: format, K, dtype, vocabulary size and the
+    teacher, tokenizer and template fingerprints. Stored in the manifest and every shard's header,
+    so a shard of another cache is recognised as foreign."""
+    return _digest(
+        {
+            **{f: manifest.get(f) for f in _IDENTITY_FIELDS},
+            **{part: (manifest.get(part) or {}).get("fingerprint") for part in _IDENTITY_PARTS},
+        }
+    )
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -227,10 +245,19 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
 
 
 def write_shard(
-    path: str | os.PathLike[str], samples: Sequence[SampleRows], *, topk: int, dtype: str, split: str
-) -> int:
-    """Write one shard atomically; returns the number of rows (cached positions) in it."""
-    from safetensors.torch import save_file
+    path: str | os.PathLike[str],
+    samples: Sequence[SampleRows],
+    *,
+    topk: int,
+    dtype: str,
+    split: str,
+    cache_id: str,
+) -> dict[str, Any]:
+    """Write one shard atomically; returns its manifest record (bytes, checksum, counts).
+
+    The checksum of the data area goes into the header itself (a placeholder of the same width
+    is replaced once the data bytes exist, so no offset moves)."""
+    from safetensors.torch import save
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -240,24 +267,88 @@ def write_shard(
     counts = torch.tensor([int(s.positions.numel()) for s in samples], dtype=torch.int64)
     offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
-    empty_rows = torch.zeros(0, topk)
+    store = DTYPES[dtype]
+
+    def cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.cpu() for p in parts]) if parts else empty
+
     tensors = {
         "keys": keys,
         "offsets": offsets,
         "lengths": torch.tensor([s.length for s in samples], dtype=torch.int32),
-        "positions": torch.cat([s.positions.reshape(-1).to(torch.int32).cpu() for s in samples])
-        if samples
-        else torch.zeros(0, dtype=torch.int32),
-        "ids": torch.cat([s.ids.to(torch.int32).cpu() for s in samples] or [empty_rows.int()]),
-        "logprobs": torch.cat([s.logprobs.to(DTYPES[dtype]).cpu() for s in samples] or [empty_rows]).to(
-            DTYPES[dtype]
+        "positions": cat(
+            [s.positions.reshape(-1).to(torch.int32) for s in samples], torch.zeros(0, dtype=torch.int32)
+        ),
+        "ids": cat([s.ids.to(torch.int32) for s in samples], torch.zeros(0, topk, dtype=torch.int32)),
+        "logprobs": cat([s.logprobs.to(store) for s in samples], torch.zeros(0, topk, dtype=store)),
+        "tokens": cat(
+            [s.tokens.reshape(-1).to(torch.int32) for s in samples], torch.zeros(0, dtype=torch.int32)
+        ),
+        "token_logprobs": cat(
+            [s.token_logprobs.reshape(-1).to(store) for s in samples], torch.zeros(0, dtype=store)
         ),
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    metadata = {"format": FORMAT, "topk": str(topk), "dtype": dtype, "split": split}
+    placeholder = "0" * 32
+    metadata = {
+        "format": FORMAT,
+        "topk": str(topk),
+        "dtype": dtype,
+        "split": split,
+        CACHE_ID_KEY: cache_id,
+        DATA_CHECKSUM_KEY: placeholder,
+    }
+    blob = bytearray(save(tensors, metadata=metadata))
+    (header_bytes,) = struct.unpack("<Q", bytes(blob[:8]))
+    data_start = 8 + header_bytes
+    marker = f'"{DATA_CHECKSUM_KEY}":"{placeholder}"'.encode()
+    at = bytes(blob[8:data_start]).index(marker) + 8 + len(marker) - 33
+    blob[at : at + 32] = bytes_checksum(memoryview(blob)[data_start:]).encode()
     target = Path(path)
-    _atomic_write_bytes(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return int(offsets[-1])
+    _atomic_write_bytes(target, lambda tmp: Path(tmp).write_bytes(blob))
+    return {
+        "bytes": len(blob),
+        CHECKSUM: bytes_checksum(blob),
+        "samples": len(samples),
+        "positions": int(offsets[-1]),
+        "split": split,
+    }
+
+
+def shard_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A shard's manifest record read back from its file (bytes, checksum, counts, split)."""
+    from safetensors import safe_open
+
+    from kdcompose.teachers.cache_integrity import file_checksum
+
+    with safe_open(str(path), framework="pt") as handle:
+        split = (handle.metadata() or {}).get("split", "train")
+        offsets = handle.get_tensor("offsets")
+    return {
+        "bytes": Path(path).stat().st_size,
+        CHECKSUM: file_checksum(path),
+        "samples": int(offsets.numel() - 1),
+        "positions": int(offsets[-1]),
+        "split": split,
+    }
+
+
+def summarize_records(records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest's counts from its shard records: samples and positions (in all and per split),
+    the shards (by name, each with its record) and their bytes."""
+    splits: dict[str, dict[str, int]] = {}
+    for record in records.values():
+        entry = splits.setdefault(str(record["split"]), {"samples": 0, "positions": 0})
+        entry["samples"] += int(record["samples"])
+        entry["positions"] += int(record["positions"])
+    return {
+        "num_samples": sum(s["samples"] for s in splits.values()),
+        "num_positions": sum(s["positions"] for s in splits.values()),
+        "splits": splits,
+        "checksum": CHECKSUM,
+        "shards": {name: dict(records[name]) for name in sorted(records)},
+        "bytes": sum(int(r["bytes"]) for r in records.values()),
+    }
 
 
 @dataclass(frozen=True)
@@ -277,6 +368,7 @@ class TeacherCache:
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        """Index the shards the manifest lists (no checks of their bytes: :meth:`open` does those)."""
         from safetensors import safe_open
 
         self.directory = directory
@@ -284,15 +376,23 @@ class TeacherCache:
         self._tokenizer: Any = None
         self._shards: list[Any] = []
         self._index: dict[str, _Entry] = {}
-        self.shard_paths = sorted(directory.glob(SHARD_GLOB))
+        self._by_completion: dict[bytes, str] | None = None
+        self.shard_paths = [directory / name for name in sorted(shard_records(manifest))]
+        cache_id = manifest.get(CACHE_ID_KEY)
         for number, path in enumerate(self.shard_paths):
-            handle = safe_open(str(path), framework="pt")
-            meta = handle.metadata() or {}
-            if meta.get("format") != FORMAT or int(meta.get("topk", -1)) != self.topk:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error type for a damaged file
                 raise TeacherCacheError(
-                    f"{path} is not a shard of this cache (format {meta.get('format')!r}, K "
-                    f"{meta.get('topk')}, "
-                    f"manifest K {self.topk}); delete it or rebuild the cache"
+                    f"{path} cannot be opened ({exc}); rebuild it with "
+                    f"`{rebuild_command(manifest, directory)}`"
+                ) from None
+            meta = handle.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get(CACHE_ID_KEY) != cache_id:
+                raise TeacherCacheError(
+                    f"{path} is not a shard of this cache (format {meta.get('format')!r}, cache id "
+                    f"{meta.get(CACHE_ID_KEY)}, the manifest's {cache_id}); move it out of {directory} or "
+                    f"rebuild with `{rebuild_command(manifest, directory)}`"
                 )
             self._shards.append(handle)
             keys = handle.get_tensor("keys")
@@ -304,15 +404,15 @@ class TeacherCache:
                 )
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str]) -> TeacherCache:
-        """Open a cache directory (raises :class:`TeacherCacheError` naming the fix if it is not one)."""
+    def open(cls, directory: str | os.PathLike[str], *, verify: bool = True) -> TeacherCache:
+        """Open a cache directory; raises :class:`TeacherCacheError` naming the fix if it is not one,
+        is in an old format, or (``verify``) has a missing, damaged or foreign shard
+        (:func:`integrity_problem`: shards unchanged since their last check are not hashed again)."""
         path = Path(directory)
         manifest = read_manifest(path)
-        if manifest.get("format") != FORMAT:
-            raise TeacherCacheError(
-                f"{path} was written in format {manifest.get('format')!r}, this kdcompose reads {FORMAT!r}; "
-                f"rebuild it with `{rebuild_command(manifest, path)}`"
-            )
+        problem = integrity_problem(path, manifest, shards=verify)
+        if problem is not None:
+            raise TeacherCacheError(problem)
         return cls(path, manifest)
 
     # -- facts --------------------------------------------------------------------------
@@ -401,12 +501,18 @@ class TeacherCache:
         """The cached rows of one sample (raises :class:`KeyError` if absent)."""
         entry = self._index[key]
         shard = self._shards[entry.shard]
+
+        def part(name: str) -> torch.Tensor:
+            return shard.get_slice(name)[entry.start : entry.end]
+
         return SampleRows(
             key=key,
             length=entry.length,
-            positions=shard.get_slice("positions")[entry.start : entry.end],
-            logprobs=shard.get_slice("logprobs")[entry.start : entry.end],
-            ids=shard.get_slice("ids")[entry.start : entry.end],
+            positions=part("positions"),
+            logprobs=part("logprobs"),
+            ids=part("ids"),
+            tokens=part("tokens"),
+            token_logprobs=part("token_logprobs"),
         )
 
     def batch_topk(
@@ -423,7 +529,9 @@ class TeacherCache:
         ``labels[b, s + 1]``); positions without a cached row (prompt, padding) hold
         ``-inf`` / ``0``. ``topk`` below the cached K truncates (rows are sorted descending).
         Raises :class:`TeacherCacheError` naming the sample and the rebuild command when a
-        sample is not cached or its labelled positions differ from the cached ones.
+        sample is not cached or its labelled positions differ from the cached ones, and
+        :class:`~kdcompose.teachers.audit.TeacherAlignmentError` when the tokens the cache scored
+        differ from the sample's at any cached position (the audit).
         """
         k = self.topk if topk is None else int(topk)
         if not 1 <= k <= self.topk:
@@ -446,12 +554,11 @@ class TeacherCache:
         )
         for b, (key, real) in enumerate(zip(keys, unpadded_positions(model_inputs), strict=True)):
             real = real.to("cpu")
-            if key not in self._index:
-                raise TeacherCacheError(
-                    self._missing_message(b, key, input_ids[b, real.to(input_ids.device)])
-                )
-            rows = self.rows(key)
+            sample_ids = input_ids[b, real.to(input_ids.device)].to("cpu")
             expected = labelled_positions(labels[b, real.to(labels.device)].to("cpu"))
+            if key not in self._index:
+                raise TeacherCacheError(self._missing_message(b, key, sample_ids, expected))
+            rows = self.rows(key)
             stored = rows.positions.to(torch.int64)
             if rows.length != real.numel() or not torch.equal(expected, stored):
                 raise TeacherCacheError(
@@ -461,12 +568,32 @@ class TeacherCache:
                     f"changed since "
                     f"the cache was built; rebuild with `{rebuild_command(self.manifest, self.directory)}`"
                 )
+            check_same_tokens(
+                sample_ids[stored + 1].tolist(),
+                rows.tokens.tolist(),
+                source=f"the teacher cache {self.directory}",
+                sample=f"sample {b} of the batch (key {key})",
+                positions=(stored + 1).tolist(),
+                tokenizer=self._tokenizer,
+                fix=f"the cache does not hold this sample's teacher; rebuild it with "
+                f"`{rebuild_command(self.manifest, self.directory)}`",
+            )
             target = real[stored]
             logprobs[b, target] = rows.logprobs[:, :k].float()
             ids[b, target] = rows.ids[:, :k].to(torch.int64)
         return logprobs.to(device), ids.to(device)
 
-    def _missing_message(self, row: int, key: str, tokens: torch.Tensor) -> str:
+    def _completion_owner(self, tokens: torch.Tensor) -> str | None:
+        """The key of a cached sample whose scored tokens (its completion) equal ``tokens``; the
+        index is built on the first miss only (it reads every shard's ``tokens``)."""
+        if self._by_completion is None:
+            self._by_completion = {}
+            for key, entry in self._index.items():
+                cached = self._shards[entry.shard].get_slice("tokens")[entry.start : entry.end]
+                self._by_completion.setdefault(cached.to(torch.int32).numpy().tobytes(), key)
+        return self._by_completion.get(tokens.to(torch.int32).numpy().tobytes())
+
+    def _missing_message(self, row: int, key: str, tokens: torch.Tensor, labelled: torch.Tensor) -> str:
         prefix = ""
         if self._tokenizer is not None:
             try:
@@ -476,11 +603,23 @@ class TeacherCache:
                 prefix = ""
         if not prefix:
             prefix = f", first token ids {tokens[:12].tolist()}"
+        rebuild = rebuild_command(self.manifest, self.directory)
+        owner = self._completion_owner(tokens[labelled + 1]) if labelled.numel() else None
+        if owner is not None:
+            cached = self.rows(owner)
+            first, here = int(cached.positions[0]) + 1, int(labelled[0]) + 1
+            return (
+                f"sample {row} of the batch (key {key}, {tokens.numel()} tokens{prefix}) is not in the "
+                f"teacher cache {self.directory}, but the same completion ({labelled.numel()} tokens) is, "
+                f"under key {owner}: there it starts at token {first} of {cached.length}, here at token "
+                f"{here} of {tokens.numel()}. What comes before it encodes differently (the template, "
+                f"system prompt, images or tokenizer changed since the build), so the cached teacher saw "
+                f"another text. Train with the build's settings, or rebuild with `{rebuild}`"
+            )
         return (
             f"sample {row} of the batch (key {key}, {tokens.numel()} tokens{prefix}) is not in the teacher "
             f"cache {self.directory} ({len(self)} samples): the data, template or tokenizer changed since "
-            f"it was built. Rebuild (it resumes, adding only missing samples) with "
-            f"`{rebuild_command(self.manifest, self.directory)}`"
+            f"it was built. Rebuild (it resumes, adding only missing samples) with `{rebuild}`"
         )
 
 
@@ -493,3 +632,25 @@ def rebuild_command(manifest: Mapping[str, Any], directory: str | os.PathLike[st
     if manifest.get("dtype") not in (None, "float16"):
         parts += ["--dtype", str(manifest["dtype"])]
     return " ".join(parts)
+
+
+def integrity_problem(
+    directory: str | os.PathLike[str], manifest: Mapping[str, Any], *, shards: bool = True, full: bool = False
+) -> str | None:
+    """Why a cache cannot be used as it is (None: it can): a format this kdcompose does not read,
+    or (``shards``) missing, damaged, foreign or unlisted shards
+    (:func:`kdcompose.teachers.cache_integrity.verify_cache`; ``full`` hashes every shard).
+    What ``kdcompose validate`` and train's preflight report before any model loads."""
+    found = manifest.get("format")
+    rebuild = rebuild_command(manifest, directory)
+    if found != FORMAT:
+        lacks = OLD_FORMATS.get(str(found))
+        why = f" ({lacks})" if lacks else ""
+        return (
+            f"{directory} was written in format {found!r}{why}; this kdcompose reads {FORMAT!r}: delete it "
+            f"(or choose another --out) and build it again with `{rebuild}`"
+        )
+    if not shards:
+        return None
+    issues = verify_cache(directory, manifest, full=full)
+    return issues_message(directory, issues, rebuild) if issues else None

@@ -41,21 +41,24 @@ import torch
 
 from kdcompose.errors import ConfigError, ConfigIssue
 from kdcompose.teachers.cache import (
+    CHECKSUM,
     DTYPES,
     FORMAT,
-    SHARD_GLOB,
     SampleRows,
     TeacherCache,
+    cache_identity,
     model_fingerprint,
     read_manifest,
-    teacher_topk,
+    summarize_records,
     template_fingerprint,
     template_name,
     tokenizer_fingerprint,
     write_manifest,
     write_shard,
 )
+from kdcompose.teachers.cache_integrity import stamp_written
 from kdcompose.teachers.cache_keys import labelled_positions, sample_keys, unpadded_positions
+from kdcompose.teachers.cache_repair import RepairPlan, apply_repair, plan_repair, repair_summary
 
 RANK_ENV = "KDCOMPOSE_CACHE_RANK"
 WORLD_ENV = "KDCOMPOSE_CACHE_WORLD"
@@ -184,7 +187,7 @@ def _load_pipeline(config: Any, output_dir: str) -> Any:
     """ms-swift's RLHF pipeline with the teacher loaded and the student's processor only."""
     from swift.pipelines.train.rlhf import SwiftRLHF
 
-    from kdcompose.integrations.swift.launch import build_arguments, swift_kwargs
+    from kdcompose.integrations.swift.launch.command import build_arguments, swift_kwargs
 
     class _CachePipeline(SwiftRLHF):
         def _prepare_model_tokenizer(self) -> None:
@@ -222,48 +225,18 @@ def _load_pipeline(config: Any, output_dir: str) -> Any:
     return _CachePipeline(build_arguments(config, kwargs))
 
 
-def summarize_shards(directory: Path) -> dict[str, Any]:
-    """Counts read back from the shards themselves (samples and positions, per split)."""
-    from safetensors import safe_open
-
-    splits: dict[str, dict[str, int]] = {}
-    shards = []
-    for path in sorted(directory.glob(SHARD_GLOB)):
-        with safe_open(str(path), framework="pt") as handle:
-            split = (handle.metadata() or {}).get("split", "train")
-            offsets = handle.get_tensor("offsets")
-        entry = splits.setdefault(split, {"samples": 0, "positions": 0})
-        entry["samples"] += int(offsets.numel() - 1)
-        entry["positions"] += int(offsets[-1])
-        shards.append(path.name)
-    return {
-        "num_samples": sum(s["samples"] for s in splits.values()),
-        "num_positions": sum(s["positions"] for s in splits.values()),
-        "splits": splits,
-        "shards": shards,
-        "bytes": sum((directory / name).stat().st_size for name in shards),
-    }
-
-
 def _existing_keys(directory: Path, manifest: dict[str, Any]) -> set[str]:
-    if not any(directory.glob(SHARD_GLOB)):
-        return set()
-    return set(TeacherCache(directory, manifest).keys())
+    """Keys of the samples in the shards the manifest lists (their bytes were checked before)."""
+    return set(TeacherCache(directory, manifest).keys()) if manifest.get("shards") else set()
 
 
-def _check_compatible(directory: Path, manifest: Mapping[str, Any], *, alone: bool = True) -> None:
-    """Refuse to add rows to a cache built with other settings (the rows would not mix).
-
-    `alone=False` (one of several ranks): the other ranks' first shards may appear before the
-    launcher writes the manifest, so shards without a manifest are not a stranger's cache there."""
+def _check_compatible(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse to add rows to a cache built with other settings (the rows would not mix). A
+    directory without a manifest has nothing to mix with (:func:`plan_repair` refused shards
+    without one already)."""
     try:
         old = read_manifest(directory)
     except Exception:
-        if alone and any(directory.glob(SHARD_GLOB)):
-            raise ConfigError.single(
-                "--out",
-                f"{directory} holds cache shards but no readable manifest; delete it or choose another --out",
-            ) from None
         return
     for field in ("topk", "dtype", "vocab_size"):
         if old.get(field) != manifest.get(field):
@@ -291,16 +264,24 @@ def _next_shard_seq(directory: Path, rank: int) -> int:
     return max(seqs, default=-1) + 1
 
 
-def _topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K of rows ``[N, V]`` in chunks (the float32 log-softmax of all rows may not fit)."""
-    values, ids = [], []
+def _topk_rows(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-K of ``log_softmax`` of rows ``[N, V]`` and the log-probability of each row's scored
+    token, in chunks (the float32 log-softmax of all rows may not fit). The same operations as
+    :func:`kdcompose.functional.teacher_topk` (float32, float64 kept), so the values are identical."""
+    values, ids, scored = [], [], []
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     for start in range(0, logits.shape[0], TOPK_CHUNK_ROWS):
-        v, i = teacher_topk(logits[start : start + TOPK_CHUNK_ROWS], k)
+        logprobs = torch.log_softmax(logits[start : start + TOPK_CHUNK_ROWS].to(dtype), dim=-1)
+        v, i = torch.topk(logprobs, k, dim=-1)
         values.append(v)
         ids.append(i)
+        chunk_tokens = tokens[start : start + TOPK_CHUNK_ROWS].to(logprobs.device, torch.int64)
+        scored.append(logprobs.gather(-1, chunk_tokens[:, None]).squeeze(-1))
     if not values:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
-    return torch.cat(values), torch.cat(ids)
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64), torch.zeros(0)
+    return torch.cat(values), torch.cat(ids), torch.cat(scored)
 
 
 @dataclass
@@ -375,9 +356,11 @@ def build_cache(
     """Cache the config's teacher top-K for its train (and val) data in ``out``; returns the manifest.
 
     ``rank`` / ``world_size`` take every ``world_size``-th batch (the launcher sets them).
-    Samples already cached are skipped. Returns the manifest written (or, without
-    ``write_final_manifest``, the manifest this process would write). ``pipeline`` reuses an
-    :func:`open_pipeline` (its config must be ``config_path``).
+    Samples already cached are skipped. On an existing cache, every shard is checked in full
+    first and the damaged or missing ones are recomputed (:mod:`kdcompose.teachers.cache_repair`;
+    with several ranks the launcher does that before they start). Returns the manifest written
+    (or, without ``write_final_manifest``, the manifest this process would write). ``pipeline``
+    reuses an :func:`open_pipeline` (its config must be ``config_path``).
     """
     from tqdm.auto import tqdm
 
@@ -387,11 +370,13 @@ def build_cache(
         raise ConfigError.single("--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if samples_per_shard < 1:
         raise ConfigError.single("--samples-per-shard", f"must be >= 1, got {samples_per_shard}")
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    alone = world_size == 1
+    plan = plan_repair(directory) if alone else RepairPlan()  # before the teacher loads
     if pipeline is None:
         pipeline = open_pipeline(config_path, topk)
     k = int(topk) if topk is not None else pipeline.topk
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
     train_dataset, val_dataset = pipeline.train_dataset, pipeline.val_dataset
     args = pipeline.args
     teacher = pipeline.teacher
@@ -426,19 +411,38 @@ def build_cache(
         "image_token_id": getattr(template, "image_token_id", None),
         "video_token_id": getattr(template, "video_token_id", None),
     }
-    _check_compatible(directory, manifest, alone=world_size == 1)
+    cache_id = cache_identity(manifest)
+    manifest["cache_id"] = cache_id
+    _check_compatible(directory, manifest)
+    if alone:
+        records, repaired = apply_repair(directory, plan)
+    else:  # the launcher repaired the directory; this rank adds to what its manifest lists
+        records, repaired = _listed_records(directory), {}
     key_ids = {
         name: int(manifest[name])
         for name in ("image_token_id", "video_token_id")
         if manifest[name] is not None
     }
-    done = _existing_keys(directory, manifest)
+    done = _existing_keys(directory, {**manifest, "shards": records})
     encoder = pipeline.encoder
     batch_size = batch_size or int(args.per_device_train_batch_size)
     pipeline.hook_on()
     seq = _next_shard_seq(directory, rank)
     added = {"samples": 0, "positions": 0}
     started = time.perf_counter()
+
+    def flush(buffer: list[SampleRows], split: str) -> None:
+        nonlocal seq
+        name = f"shard-r{rank}-{seq:05d}.safetensors"
+        record = write_shard(directory / name, buffer, topk=k, dtype=dtype, split=split, cache_id=cache_id)
+        records[name] = record
+        stamp_written(directory, name, record[CHECKSUM])
+        added["samples"] += record["samples"]
+        added["positions"] += record["positions"]
+        seq += 1
+        if alone:
+            write_manifest(directory, {**manifest, **summarize_records(records), "complete": False})
+
     try:
         for split, dataset in (("train", train_dataset), ("val", val_dataset)):
             if dataset is None or len(dataset) == 0:
@@ -470,31 +474,10 @@ def build_cache(
                     done.update(keys[i] for i in todo)
                 bar.update(len(rows))
                 if len(buffer) >= samples_per_shard:
-                    added_rows = write_shard(
-                        directory / f"shard-r{rank}-{seq:05d}.safetensors",
-                        buffer,
-                        topk=k,
-                        dtype=dtype,
-                        split=split,
-                    )
-                    added["samples"] += len(buffer)
-                    added["positions"] += added_rows
-                    seq += 1
+                    flush(buffer, split)
                     buffer = []
-                    if world_size == 1:
-                        write_manifest(
-                            directory, {**manifest, **summarize_shards(directory), "complete": False}
-                        )
             if buffer:
-                added["positions"] += write_shard(
-                    directory / f"shard-r{rank}-{seq:05d}.safetensors",
-                    buffer,
-                    topk=k,
-                    dtype=dtype,
-                    split=split,
-                )
-                added["samples"] += len(buffer)
-                seq += 1
+                flush(buffer, split)
             bar.close()
     finally:
         pipeline.hook_off()
@@ -503,24 +486,37 @@ def build_cache(
         "added_positions": added["positions"],
         "seconds": round(time.perf_counter() - started, 3),
         "world_size": world_size,
+        **({"repaired": repaired} if repaired else {}),
     }
+    manifest = {**manifest, **summarize_records(records)}
     if write_final_manifest:
-        manifest = {**manifest, **summarize_shards(directory), "complete": True}
+        manifest["complete"] = True
         write_manifest(directory, manifest)
     return manifest
+
+
+def _listed_records(directory: Path) -> dict[str, dict[str, Any]]:
+    from kdcompose.teachers.cache_integrity import shard_records
+
+    try:
+        return shard_records(read_manifest(directory))
+    except Exception:  # no manifest yet: a new cache
+        return {}
 
 
 @torch.no_grad()
 def _teacher_rows(teacher: Any, batch: Mapping[str, Any], keys: list[str], k: int) -> list[SampleRows]:
     """Run the teacher on one collated batch (as GKD's compute_loss does: all inputs but labels)
-    and cut each sample's top-K rows at its labelled positions."""
+    and cut each sample's top-K rows at its labelled positions, with the token each row scored."""
     forward = {name: value for name, value in batch.items() if name != "labels"}
     logits = teacher(**forward).logits
     labels = batch["labels"]
+    input_ids = batch["input_ids"]
     out = []
     for b, (key, real) in enumerate(zip(keys, unpadded_positions(batch), strict=True)):
         positions = labelled_positions(labels[b, real])
-        values, ids = _topk_rows(logits[b, real[positions]], k)
+        tokens = input_ids[b, real[positions + 1]]
+        values, ids, scored = _topk_rows(logits[b, real[positions]], tokens, k)
         out.append(
             SampleRows(
                 key=key,
@@ -528,6 +524,8 @@ def _teacher_rows(teacher: Any, batch: Mapping[str, Any], keys: list[str], k: in
                 positions=positions.cpu(),
                 logprobs=values.cpu(),
                 ids=ids.cpu(),
+                tokens=tokens.cpu(),
+                token_logprobs=scored.cpu(),
             )
         )
     return out
@@ -602,6 +600,9 @@ def _report(manifest: Mapping[str, Any], out: str) -> None:
         f"(K = {manifest['topk']}, {manifest['dtype']}, {per_pos:.1f} bytes/position); this run added "
         f"{last.get('added_samples', 0)} samples in {last.get('seconds', 0):.1f} s"
     )
+    repaired = repair_summary(last.get("repaired") or {})
+    if repaired:
+        print(f"kdcompose teacher-cache: {out}: {repaired}")
 
 
 def _launch(config_path: str, out: str, nproc: int, **options: Any) -> int:
@@ -619,6 +620,7 @@ def _launch(config_path: str, out: str, nproc: int, **options: Any) -> int:
         command += ["--batch-size", str(options["batch_size"])]
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
+    _, repaired = apply_repair(directory, plan_repair(directory))  # once, before the ranks start
     processes = []
     for rank in range(nproc):
         env = {**os.environ, RANK_ENV: str(rank), WORLD_ENV: str(nproc)}
@@ -635,12 +637,14 @@ def _launch(config_path: str, out: str, nproc: int, **options: Any) -> int:
         )
         return max(codes)
     ranks = [json.loads((directory / f".rank{r}.json").read_text(encoding="utf-8")) for r in range(nproc)]
-    manifest = {**ranks[0], **summarize_shards(directory), "complete": True}
+    records = {name: record for r in ranks for name, record in r["shards"].items()}
+    manifest = {**ranks[0], **summarize_records(records), "complete": True}
     manifest["last_build"] = {
         "added_samples": sum(r["last_build"]["added_samples"] for r in ranks),
         "added_positions": sum(r["last_build"]["added_positions"] for r in ranks),
         "seconds": max(r["last_build"]["seconds"] for r in ranks),
         "world_size": nproc,
+        **({"repaired": repaired} if repaired else {}),
     }
     write_manifest(directory, manifest)
     for r in range(nproc):

@@ -14,10 +14,15 @@ Two ways in:
 
 - Standalone: ``TeacherServerClient(url, api_key=None).topk_logprobs(infer_requests, k)`` returns,
   per request, ``(logprobs, token_ids)``: ``[positions][k]`` lists, exactly what ms-swift's
-  ``parse_prompt_logprobs`` returns (top-k by log-prob; vLLM's extra actual-token entry dropped).
-- Inside ms-swift's stock trainer: :func:`install_vllm_free_teacher_client` (only when vLLM is not
-  importable) makes ``RolloutTrainerMixin._setup_teacher`` construct :class:`VLLMFreeInferClient`,
-  which has the constructor and ``infer`` signature the trainer uses of ``VLLMInferClient``.
+  ``parse_prompt_logprobs`` returns (top-k by log-prob; vLLM's extra actual-token entry dropped),
+  as a :class:`ScoredPrompt` whose ``prompt_token_ids`` are the tokens the server scored (what
+  the alignment audit, :func:`kdcompose.teachers.audit.check_served_tokens`, compares with the
+  student's; ``kdcompose serve-teacher``, vLLM and ``swift deploy`` send them when asked with
+  ``return_details``, which this client always does).
+- Inside ms-swift's stock trainer: ``kdcompose.compat.swift_teacher_client``'s
+  ``install_vllm_free_teacher_client`` (only when vLLM is not importable) makes
+  ``RolloutTrainerMixin._setup_teacher`` construct :class:`VLLMFreeInferClient`, which has
+  the constructor and ``infer`` signature the trainer uses of ``VLLMInferClient``.
 
 Faults (all bounded; every error names the URL):
 
@@ -57,14 +62,13 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WAIT_S",
+    "ScoredPrompt",
     "TeacherResponseError",
     "TeacherServerClient",
     "TeacherServerError",
     "TeacherServerUnavailable",
     "VLLMFreeInferClient",
-    "install_vllm_free_teacher_client",
     "parse_prompt_logprobs",
-    "vllm_available",
 ]
 
 DEFAULT_WAIT_S = 120.0
@@ -78,6 +82,24 @@ ENV_BACKOFF = "KDCOMPOSE_TEACHER_SERVER_BACKOFF_S"
 ENV_API_KEY = "KDCOMPOSE_TEACHER_SERVER_API_KEY"
 
 Parsed = tuple[list[list[float]], list[list[int]]]
+
+
+class ScoredPrompt(tuple):
+    """``(logprobs, token_ids)`` of one request, as ms-swift's parser returns them (it unpacks and
+    assembles like a plain pair), plus ``prompt_token_ids``: every token the server scored, in
+    order (None when the server did not send them)."""
+
+    prompt_token_ids: list[int] | None
+
+    def __new__(
+        cls, logprobs: list[list[float]], token_ids: list[list[int]], prompt_token_ids: list[int] | None
+    ) -> ScoredPrompt:
+        scored = super().__new__(cls, (logprobs, token_ids))
+        scored.prompt_token_ids = prompt_token_ids
+        return scored
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across ranks (ms-swift broadcasts answers)
+        return (ScoredPrompt, (self[0], self[1], self.prompt_token_ids))
 
 
 class TeacherServerError(RuntimeError):
@@ -363,15 +385,19 @@ class TeacherServerClient:
                 out.append(ChatCompletionResponse(**item))
         return out
 
-    def topk_logprobs(self, infer_requests: Sequence[Any], k: int) -> list[Parsed]:
-        """Per request ``(logprobs, token_ids)`` ``[positions][k]`` — the teacher's top-k prompt log-probs."""
+    def topk_logprobs(self, infer_requests: Sequence[Any], k: int) -> list[ScoredPrompt]:
+        """Per request ``(logprobs, token_ids)`` ``[positions][k]`` — the teacher's top-k prompt
+        log-probs — with the ``prompt_token_ids`` it scored (:class:`ScoredPrompt`)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k={k!r}: expected an integer >= 0")
         config = {"prompt_logprobs": k, "max_tokens": 1, "temperature": 0.0}
-        return [
-            parse_prompt_logprobs(item.get("prompt_logprobs"), k)
-            for item in self.infer_raw(infer_requests, config)
-        ]
+        out = []
+        for item in self.infer_raw(infer_requests, config):
+            item = item["response"] if "response" in item and "prompt_logprobs" not in item else item
+            ids = item.get("prompt_token_ids")
+            scored = [int(i) for i in ids] if isinstance(ids, list) else None
+            out.append(ScoredPrompt(*parse_prompt_logprobs(item.get("prompt_logprobs"), k), scored))
+        return out
 
 
 def _message(response: Any) -> str:
@@ -436,29 +462,25 @@ class VLLMFreeInferClient:
         return out
 
 
-def vllm_available() -> bool:
-    """Whether vLLM can be imported (ms-swift's own ``is_vllm_available`` test)."""
-    import importlib.util
+def audit_answers(
+    parsed: Sequence[Any], model_inputs: Mapping[str, Any], *, name: str, url: str, template: Any = None
+) -> None:
+    """The alignment audit of one micro-batch's answers from a server (see
+    :func:`kdcompose.teachers.audit.check_served_tokens`): the tokens it scored must be the ones
+    the trainer encoded for the same samples (``model_inputs``, the teacher's view of the batch),
+    else :class:`~kdcompose.teachers.audit.TeacherAlignmentError` names the sample, the first
+    differing position and both tokens, and says how to start the server to match."""
+    from kdcompose.teachers.audit import check_served_tokens
 
-    return importlib.util.find_spec("vllm") is not None
-
-
-def install_vllm_free_teacher_client(*, force: bool = False) -> bool:
-    """Make ms-swift's stock trainers build :class:`VLLMFreeInferClient` for ``teacher_model_server``.
-
-    Only when vLLM is not importable (or ``force``): with vLLM installed ms-swift's own client works
-    and is left alone. What is patched: the name ``VLLMInferClient`` in
-    ``swift.rlhf_trainers.rollout_mixin`` — the module-level symbol ``_setup_teacher`` looks up when
-    it builds ``self.teacher_clients`` (``from .vllm_client import VLLMInferClient`` there). The class
-    in ``swift.rlhf_trainers.vllm_client`` itself is untouched, so nothing else (rollout weight sync,
-    GRPO's vLLM server mode, which genuinely needs vLLM) changes. Idempotent. Returns whether
-    kdcompose's client is in place.
-    """
-    from swift.rlhf_trainers import rollout_mixin
-
-    if rollout_mixin.VLLMInferClient is VLLMFreeInferClient:
-        return True
-    if vllm_available() and not force:
-        return False
-    rollout_mixin.VLLMInferClient = VLLMFreeInferClient
-    return True
+    template_type = getattr(getattr(template, "template_meta", None), "template_type", None)
+    flag = f"--template {template_type}" if template_type else "the run's --template"
+    check_served_tokens(
+        [getattr(p, "prompt_token_ids", None) for p in parsed],
+        model_inputs,
+        source=f"teacher {name!r} ({url})" if name else f"the teacher server {url}",
+        tokenizer=getattr(template, "tokenizer", None),
+        fix=(
+            "the server encodes the conversation differently from the trainer (another template, system "
+            f"prompt, model or tokenizer): start `kdcompose serve-teacher` with the run's teacher and {flag}"
+        ),
+    )

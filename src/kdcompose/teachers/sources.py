@@ -8,6 +8,12 @@ A run has a *default* teacher (name `""`) and optionally *named* teachers:
 * named: `rlhf.teachers: {NAME: {server: URL} | {cache: DIR}}`, read by top-k terms with
   `teacher: NAME`.
 
+Paths: a cache directory written relative (`teacher_cache: cache/top64`) is read from the
+config file's folder, like `plugins:`, so a config means the same files whatever folder
+`kdcompose` is started from; it is stored (and shown in every message) as an absolute path.
+ms-swift's own path arguments (`model`, `dataset`, `output_dir`, ...) keep ms-swift's rule:
+relative to the working directory.
+
 Caches and servers hand over only top-K log-probabilities, so every active term that reads
 such a teacher must be a top-k term; anything that needs the teacher's full logits, hidden
 states or module outputs needs a local teacher. These checks run when the config is loaded,
@@ -17,34 +23,25 @@ naming the key and the fix, before any model exists.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 from kdcompose.errors import ConfigIssue
+from kdcompose.registry import get_teacher_source, registered_teacher_sources
+from kdcompose.teachers.provider import DEFAULT, TeacherSource
 
 TEACHER_CACHE_PATH = "rlhf.teacher_cache"
 TEACHERS_PATH = "rlhf.teachers"
 SERVER_PATH = "rlhf.teacher_model_server"
-DEFAULT = ""
-"""The name of the default teacher in `TermNeeds.teacher_topk` / `LossContext.teacher_topk`."""
 
 
-@dataclass(frozen=True)
-class TeacherSource:
-    """One non-local teacher: a top-K cache directory or a server URL."""
-
-    name: str
-    kind: Literal["cache", "server"]
-    location: str
-    origin: str
-    """The dotted YAML path it was declared at."""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "kind": self.kind, "location": self.location, "origin": self.origin}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, str]) -> TeacherSource:
-        return cls(data["name"], data["kind"], data["location"], data["origin"])  # type: ignore[arg-type]
+def resolve_config_path(location: str, base_dir: Path | None) -> str:
+    """An absolute path for a path kdcompose owns: a relative one is taken from the config's
+    folder (`base_dir`; the working directory for a config that is not a file), `~` expanded."""
+    path = Path(location).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return str(path.resolve())
 
 
 def parse_sources(
@@ -53,8 +50,10 @@ def parse_sources(
     swift_args: Mapping[str, Any],
     paths: Mapping[str, str],
     issues: list[ConfigIssue],
+    base_dir: Path | None = None,
 ) -> dict[str, TeacherSource]:
-    """The non-local teachers of a config by name (`""` = the default); problems into `issues`."""
+    """The non-local teachers of a config by name (`""` = the default); problems into `issues`.
+    Cache directories are made absolute from `base_dir`, the config's folder."""
     sources: dict[str, TeacherSource] = {}
     server = swift_args.get("teacher_model_server")
     server_path = paths.get("teacher_model_server", SERVER_PATH)
@@ -73,40 +72,31 @@ def parse_sources(
                 )
             )
         else:
-            sources[DEFAULT] = TeacherSource(DEFAULT, "cache", teacher_cache, TEACHER_CACHE_PATH)
-    elif server is not None:
+            location = resolve_config_path(teacher_cache, base_dir)
+            sources[DEFAULT] = TeacherSource(DEFAULT, "cache", location, TEACHER_CACHE_PATH)
+    elif server is not None:  # ms-swift's own key: one URL, or its JSON list routed by teacher_tag_key
         sources[DEFAULT] = TeacherSource(DEFAULT, "server", str(server), server_path)
     if teachers is None:
         return sources
+    kinds = registered_teacher_sources()
+    shapes = " or ".join(f"`{{{kind}: ...}}`" for kind in sorted(kinds))
     if not isinstance(teachers, Mapping):
-        issues.append(
-            ConfigIssue(TEACHERS_PATH, "must map teacher names to `{server: URL}` or `{cache: DIR}`")
-        )
+        issues.append(ConfigIssue(TEACHERS_PATH, f"must map teacher names to {shapes}"))
         return sources
-    for name, spec in teachers.items():
+    for name, block in teachers.items():
         path = f"{TEACHERS_PATH}.{name}"
         if not isinstance(name, str) or not name.isidentifier():
             issues.append(ConfigIssue(path, "a teacher name must be an identifier (letters, digits, _)"))
             continue
-        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in ("server", "cache"):
+        found = [kind for kind in kinds if isinstance(block, Mapping) and kind in block]
+        if len(found) != 1:
             issues.append(
-                ConfigIssue(
-                    path,
-                    "must be exactly one of `{server: URL}` (kdcompose serve-teacher, swift deploy) "
-                    "or `{cache: DIR}` (kdcompose teacher-cache)",
-                )
+                ConfigIssue(path, f"must be exactly one of {shapes} (kinds: {', '.join(sorted(kinds))})")
             )
             continue
-        kind, location = next(iter(spec.items()))
-        if not isinstance(location, str) or not location:
-            issues.append(
-                ConfigIssue(f"{path}.{kind}", f"must be a {'URL' if kind == 'server' else 'directory'}")
-            )
-            continue
-        if kind == "server" and not location.startswith(("http://", "https://")):
-            issues.append(ConfigIssue(f"{path}.server", f"must be an http(s) URL, got {location!r}"))
-            continue
-        sources[name] = TeacherSource(name, kind, location, f"{path}.{kind}")
+        source = kinds[found[0]].parse(name, block, path, base_dir, issues)
+        if source is not None:
+            sources[name] = source
     return sources
 
 
@@ -127,8 +117,8 @@ def source_issues(
                 ConfigIssue(
                     f"{term.origin}.teacher",
                     f"no teacher named {name!r}; declare it under {TEACHERS_PATH}.{name} as "
-                    "`{server: URL}` or "
-                    f"`{{cache: DIR}}` (declared: {', '.join(sorted(set(sources) - {DEFAULT})) or 'none'})",
+                    f"{' or '.join(f'`{{{kind}: ...}}`' for kind in sorted(registered_teacher_sources()))} "
+                    f"(declared: {', '.join(sorted(set(sources) - {DEFAULT})) or 'none'})",
                 )
             )
         if DEFAULT in sources and needs.served(remote).teacher:
@@ -144,36 +134,25 @@ def source_issues(
                     "`teacher_model`",
                 )
             )
-    cache = sources.get(DEFAULT)
-    if cache is not None and cache.kind == "cache":
-        lmbda = swift_args.get("lmbda")
-        if isinstance(lmbda, (int, float)) and not isinstance(lmbda, bool) and lmbda > 0:
-            issues.append(
-                ConfigIssue(
-                    paths.get("lmbda", "rlhf.lmbda"),
-                    f"lmbda {lmbda:g} makes the student generate completions during training, which a "
-                    "cache made "
-                    f"before training cannot hold: set `lmbda: 0` to train from {TEACHER_CACHE_PATH}, or "
-                    "use a "
-                    "teacher model or server for on-policy distillation",
-                )
-            )
+    for source in sources.values():
+        issues += get_teacher_source(source.kind).config_issues(source, composer, swift_args, paths)
     return issues
 
 
 def cache_issues(sources: Mapping[str, TeacherSource], composer: Any) -> list[ConfigIssue]:
-    """Caches that do not exist or hold fewer tokens than their terms read (the preflight's part:
-    it reads the caches' manifests, so a config can be validated before its cache is built)."""
+    """What each teacher's own files show before any model loads (the preflight's part, e.g. a
+    cache's manifest: a config can be validated before its cache is built)."""
     issues: list[ConfigIssue] = []
     for _, source in sorted(sources.items()):
-        if source.kind == "cache":
-            issues += cache_manifest_issues(source, composer)
+        issues += get_teacher_source(source.kind).preflight_issues(source, composer)
     return issues
 
 
 def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIssue]:
-    """A missing cache, or top-k terms asking for more tokens than it holds (read from its manifest)."""
-    from kdcompose.teachers.cache import TeacherCacheError, read_manifest
+    """A missing cache, an old format or a missing / damaged / foreign shard (checksums:
+    `kdcompose.teachers.cache.integrity_problem`), or top-k terms asking for more tokens than it
+    holds (read from its manifest)."""
+    from kdcompose.teachers.cache import TeacherCacheError, integrity_problem, read_manifest
 
     try:
         manifest = read_manifest(source.location)
@@ -181,12 +160,13 @@ def cache_manifest_issues(source: TeacherSource, composer: Any) -> list[ConfigIs
         return [
             ConfigIssue(
                 source.origin,
-                f"{source.location!r} is not a teacher cache (no readable manifest.json); build it with "
+                f"{source.location} is not a teacher cache (no readable manifest.json there); build it with "
                 "`kdcompose teacher-cache CONFIG.yaml --out DIR`",
             )
         ]
     cached_k = manifest.get("topk")
-    issues = []
+    problem = integrity_problem(source.location, manifest)
+    issues = [] if problem is None else [ConfigIssue(source.origin, problem)]
     for term in composer.active_terms:
         for request in term.needs.teacher_topk:
             if request.teacher != source.name or not isinstance(cached_k, int) or request.k <= cached_k:

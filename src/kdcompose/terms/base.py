@@ -22,14 +22,15 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, ConfigDict
 
 from kdcompose.errors import ConfigIssue
+from kdcompose.functional.cross_tokenizer import AlignedBatch, TeacherLogits, TeacherTopK
 from kdcompose.nonfinite import OnNonFinite
 from kdcompose.normalization import TokenNormalization
 from kdcompose.primitives import connected_zero
 from kdcompose.schedules import ScheduleSpec
-from kdcompose.schema.types import Weight
+from kdcompose.schema.types import Bool, Weight
 
 Side = Literal["student", "teacher"]
 TapIO = Literal["output", "input"]
@@ -51,7 +52,7 @@ class TermSpec(BaseModel):
     schedule: ScheduleSpec | None = None
     """Multiplies `weight` by a function of the optimizer step (kdcompose.schedules); a base
     weight of 0 keeps the term off whatever the schedule says."""
-    log_raw: StrictBool = False
+    log_raw: Bool = False
     """Also log the unweighted value as `<metric>_raw` (the weighted one is always logged)."""
     on_nonfinite: OnNonFinite = "error"
     """What the trainer does when this term is NaN/inf: `error` stops before the step is
@@ -99,7 +100,7 @@ class FeaturePair:
 
     The framework checks before training that the widths (last dimension) agree, or, with
     `projector` set, builds a trainable map from the student's width to the teacher's
-    (kdcompose.projectors), trains it with the student, saves and resumes it, and hands it
+    (kdcompose.training.projectors), trains it with the student, saves and resumes it, and hands it
     to the term as `LossContext.projectors[key]`. `key` is unique per composition
     (`<term>__<pair>`); `origin` is the YAML path of the pair, for errors.
     """
@@ -119,6 +120,24 @@ class TopkRequest:
 
     teacher: str
     k: int
+    origin: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class CrossTokenizerRequest:
+    """A term can read teacher `teacher` (`""`: the default) when its tokenizer differs from the
+    student's: it then compares distributions over aligned completion text
+    (`LossContext.aligned_teachers[teacher]`) instead of position by position.
+
+    `force`: take that path even when the two tokenizers are the same (the identity check: it must
+    give the same-tokenizer value). `temperature`: the one the term compares at; a cached or served
+    teacher hands over log-probabilities at temperature 1, and the chain rule over a group needs the
+    teacher's values at the term's temperature. `origin` is the YAML path of the term's setting,
+    for errors; it does not take part in equality."""
+
+    teacher: str
+    force: bool = False
+    temperature: float = 1.0
     origin: str = field(default="", compare=False)
 
 
@@ -143,6 +162,12 @@ class TermNeeds:
     A teacher that is a cache or a server hands it over as `LossContext.teacher_topk[name]`,
     and then the term's `teacher_logits` / `teacher_hidden` needs are dropped for it: no local
     teacher forward. A local default teacher provides its logits (or hidden states) instead."""
+    cross_tokenizer: frozenset[CrossTokenizerRequest] = frozenset()
+    """Teachers the term can also read when their tokenizer differs from the student's. For each
+    teacher a run finds with another tokenizer (or forced), the trainer encodes every sample with
+    that teacher's own template, runs or asks the teacher on that encoding, aligns the completions
+    and hands over `LossContext.aligned_teachers[name]`; an active term that reads such a teacher
+    without declaring it here is refused before training."""
 
     @property
     def all_taps(self) -> frozenset[Tap]:
@@ -165,6 +190,11 @@ class TermNeeds:
         return frozenset(r.teacher for r in self.teacher_topk)
 
     @property
+    def cross_tokenizer_teachers(self) -> frozenset[str]:
+        """Names of the teachers the term can read across tokenizers."""
+        return frozenset(r.teacher for r in self.cross_tokenizer)
+
+    @property
     def teacher(self) -> bool:
         """True when the teacher must run at all."""
         return self.teacher_logits or self.teacher_hidden or bool(self.side_taps("teacher"))
@@ -182,6 +212,22 @@ class TermNeeds:
             a, b = getattr(self, f.name), getattr(other, f.name)
             merged[f.name] = a | b
         return TermNeeds(**merged)
+
+
+@dataclass(frozen=True)
+class AlignedTeacher:
+    """One micro-batch of a teacher whose tokenizer differs from the student's, aligned over text.
+
+    `batch` holds every sample's alignment (kdcompose.teachers.alignment), student and teacher
+    completion tokens concatenated in sample order. `teacher` has one row per teacher completion
+    token of `batch` (full logits of a local teacher, or the top-K of a cache or server).
+    `student_rows` picks, from the student's labelled positions in row-major order (the rows
+    `labels != -100` selects), those of `batch` (a completion the teacher could only partly spell,
+    e.g. a special token the student generated mid-text, is compared up to there); None: all."""
+
+    batch: AlignedBatch
+    teacher: TeacherLogits | TeacherTopK
+    student_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -215,7 +261,7 @@ class LossContext:
     [.., K] int64)` aligned with `labels`, from a teacher cache or server; `-inf` where absent."""
     projectors: Mapping[str, Any] = field(default_factory=dict)
     """Trainable student->teacher width maps by `FeaturePair.key`, for pairs declared with a
-    projector (built, trained, saved and resumed by the trainer; kdcompose.projectors)."""
+    projector (built, trained, saved and resumed by the trainer; kdcompose.training.projectors)."""
     projected: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
     """The student's tensors of a projected pair, already through its projector, by
     `FeaturePair.key` (the trainer projects inside the model's forward, for DDP); when absent,
@@ -224,6 +270,13 @@ class LossContext:
     step_token_denominator: torch.Tensor | None = None
     """`D = N / (R G)` of the current optimizer step for `normalize: global_tokens`
     (kdcompose.normalization); None outside a trainer that counts it (then: micro-batch mean)."""
+    vocab_size: int | None = None
+    """The tokenizer's size: LM terms align teacher and student logits whose widths differ only
+    by padding with it (`kdcompose.functional.vocab`); None when unknown."""
+    aligned_teachers: Mapping[str, AlignedTeacher] = field(default_factory=dict)
+    """Per teacher name (`""`: the default teacher), a teacher taught across tokenizers (see
+    `TermNeeds.cross_tokenizer`); such a teacher's logits / top-K are only here, never in
+    `teacher_logits` / `teacher_topk`."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Free-form values a custom training loop passes to its own terms."""
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from pydantic import StrictBool
 
 from kdcompose.functional import masked_cross_entropy
 from kdcompose.registry import register_term
+from kdcompose.schema.types import Bool
 from kdcompose.terms.base import LossContext, LossTerm, TermNeeds, TermSpec
 
 
@@ -14,7 +14,7 @@ class CeSpec(TermSpec):
     """`ce` knobs. ms-swift adds its SFT loss only on dataset batches: a completion the
     student sampled itself is not a target worth imitating, so by default neither do we."""
 
-    on_student_generated: StrictBool = False
+    on_student_generated: Bool = False
 
 
 @register_term("ce")

@@ -37,8 +37,8 @@ def compare_features(
     if pair.projector is not None and project is None and pair.key not in ctx.projected:
         raise ValueError(
             f"{pair.origin} asks for `projector: {pair.projector}` but the loss context carries none for "
-            f"{pair.key!r}: the ms-swift trainer builds them; in your own loop build them with "
-            "kdcompose.projectors.plan_projectors / attach_projectors and pass them as LossContext.projectors"
+            f"{pair.key!r}: kdcompose's trainers build them; in your own loop use kdcompose.Distiller, "
+            "which builds, trains and saves them"
         )
     projected = list(ctx.projected.get(pair.key, ())) if pair.projector is not None else []
     if projected and len(projected) != len(student):

@@ -1,7 +1,7 @@
 """`visual_kd`: feature distillation of the vision tower, aligner and deepstack mergers.
 
 Each target is a pair of module taps (`FeaturePair`): the framework hooks the declared
-module paths on both models and records them during the loss forward (kdcompose.taps);
+module paths on both models and records them during the loss forward (kdcompose.training.taps);
 this term only compares what was recorded. `vit` / `aligner` / `deepstack` are default
 paths for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL layout; `module:` points a target anywhere.
 Each target has its own weight and distance;
@@ -9,7 +9,7 @@ the term's value is the weighted sum over enabled targets, and each target's sha
 reported as a part so dashboards can show `vision_kd_loss_<target>`.
 
 A target whose student and teacher widths differ needs `projector: linear`: the student's
-features then go through a trainable linear map (`kdcompose.projectors`, built and owned
+features then go through a trainable linear map (`kdcompose.training.projectors`, built and owned
 by the trainer from the declared pair, handed over in `LossContext.projectors`) before the
 distance.
 """
@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictStr
 
 from kdcompose.errors import ConfigIssue
 from kdcompose.functional import feature_distance
 from kdcompose.registry import register_term
-from kdcompose.schema.types import Weight
+from kdcompose.schema.types import Bool, Weight
 from kdcompose.terms.base import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
 from kdcompose.terms.features import compare_features
 
@@ -46,7 +46,7 @@ class VisualTargetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: StrictBool = True
+    enabled: Bool = True
     weight: Weight = 1.0
     distance: Literal["mse", "cosine", "smooth_l1"] = "mse"
     module: StrictStr | None = None
@@ -55,7 +55,7 @@ class VisualTargetSpec(BaseModel):
     projector: Literal["linear"] | None = None
     """`linear`: map the student's features to the teacher's width with a trainable linear
     layer before the distance (needed when the widths differ, e.g. the aligner of a smaller
-    student). Trained with the student and saved in its checkpoints (kdcompose.projectors)."""
+    student). Trained with the student and saved in its checkpoints (kdcompose.training.projectors)."""
 
     @property
     def active(self) -> bool:
@@ -66,7 +66,7 @@ class VisualKdSpec(TermSpec):
     """Same shape as the legacy `custom.visual_kd` block: a weight, an optional `enabled`
     switch, and the target blocks directly under it."""
 
-    enabled: StrictBool = True
+    enabled: Bool = True
     vit: VisualTargetSpec | None = None
     aligner: VisualTargetSpec | None = None
     deepstack: VisualTargetSpec | None = None

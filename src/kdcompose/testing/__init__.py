@@ -36,6 +36,12 @@ from kdcompose.testing.tiny_models import (
     to_cli_args,
 )
 from kdcompose.testing.tokenizer import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VOCAB_SIZE, build_tokenizer
+from kdcompose.testing.tokenizer_pair import (
+    build_cross_tokenizer_pair,
+    build_pair_tokenizer,
+    build_tiny_text_model,
+    build_tokenizer_pair,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -51,10 +57,14 @@ __all__ = [
     "TinySpec",
     "build_caption_dataset",
     "build_config",
+    "build_cross_tokenizer_pair",
+    "build_pair_tokenizer",
     "build_processor",
     "build_tiny_model",
     "build_tiny_pair",
+    "build_tiny_text_model",
     "build_tokenizer",
+    "build_tokenizer_pair",
     "cache_root",
     "load_rows",
     "model_spec",

@@ -19,7 +19,7 @@ TRAINER_PATH = "kdcompose.integrations.swift.trainer.KDComposeGKDTrainer"
 
 def plugin_path() -> Path:
     """Absolute path of the file to pass to ms-swift's `--external_plugins`."""
-    return Path(__file__).resolve().with_name("plugin.py")
+    return Path(__file__).resolve().parent / "launch" / "plugin.py"
 
 
 __all__ = ["TRAINER_PATH", "plugin_path"]

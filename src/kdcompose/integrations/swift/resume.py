@@ -1,126 +1,132 @@
-"""What a run leaves next to its checkpoints so that a resumed run continues the same run.
+"""Exact resume of a ms-swift GKD run: the resumed run continues as the uninterrupted run would.
 
-* `kdcompose_composition.yaml` in the run folder (next to ms-swift's `args.json` and the
-  `checkpoint-*` folders): the resolved composition as an explicit `rlhf.loss_terms` block
-  plus the printed formula. `args.json` already carries `kdcompose_loss_terms` when the run
-  came from `kdcompose train` or the plugin; this file is written by the trainer itself, so
-  every route (Python included) has it, and it is readable without ms-swift.
-* `kdcompose_state.json` in every checkpoint folder: the counters that are not a function of
-  the step (today `nonfinite_skipped_steps`).
-
-Everything else a resumed run needs is already a function of the restored `global_step`:
-the schedules are pure functions of the step, the composition is rebuilt from the config,
-and the metric windows start empty exactly like the trainer's own `loss` accumulator.
-Resuming with a different composition is refused at train start by `exact_resume`
-(`composition_refusal`, naming what changed) unless `KDCOMPOSE_RESUME_ALLOW_CHANGES=1`; then
-it is logged as a warning that names what changed. `exact_resume` also restores what stock
-ms-swift does not (full fine-tuned weights, per-epoch data order, the GKD micro-batch counter).
+Stock ms-swift 4.6 / transformers 5.19 get three things wrong on resume; each fix is an upstream
+workaround in `kdcompose.compat` (measured on the tiny models, tests/swift/test_resume*.py):
+the fully fine-tuned student is not restored (`compat.transformers_checkpoint_keys`), a later
+epoch replays epoch 0's data order (`compat.trl_repeat_sampler`), and GKD's micro-batch counter
+restarts inside a generation batch (`compat.swift_gkd_step`). This module applies them from the
+trainer's `train()` / `_load_from_checkpoint`, refuses a checkpoint that is not marked complete
+(`training.checkpoints.require_complete`) or whose recorded composition differs
+(`training.records.check_resume_composition`), and says at train start, as a warning naming the
+cause, what a checkpoint cannot give back instead of diverging silently: a checkpoint saved with
+`save_only_model: true` (no optimizer, scheduler or RNG state: the ~5e-4 "LoRA drift"),
+`resume_only_model` / `ignore_data_skip`, a checkpoint inside a logging window, and on-policy
+batches generated before the checkpoint inside a generation batch.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from swift.utils import get_logger
 
-from kdcompose.composer import LossComposer
-from kdcompose.composition import loss_terms_block
+from kdcompose.compat.swift_gkd_step import restore_micro_batch_counter
+from kdcompose.compat.transformers_checkpoint_keys import load_full_weights
+from kdcompose.compat.trl_repeat_sampler import replay_epochs
+from kdcompose.training.checkpoints import checkpoint_epoch, checkpoint_global_step, require_complete
+from kdcompose.training.loop import resume_checkpoint
+from kdcompose.training.records import check_resume_composition
 
-COMPOSITION_FILE = "kdcompose_composition.yaml"
-STATE_FILE = "kdcompose_state.json"
-
-
-def loss_terms_of(composer: LossComposer) -> dict[str, dict[str, Any]]:
-    """Every term (active or not) as an explicit `loss_terms` block, as `Composition.to_loss_terms`."""
-    return loss_terms_block((term.name, term.type_name, term.spec) for term in composer.terms)
-
-
-def composition_record(composer: LossComposer) -> dict[str, Any]:
-    from kdcompose import __version__
-
-    return {
-        "kdcompose_version": __version__,
-        "formula": composer.formula(),
-        "rlhf": {"loss_terms": loss_terms_of(composer)},
-    }
+RESTORED_FILES = {
+    "optimizer.pt": "optimizer state (AdamW moments start from zero)",
+    "scheduler.pt": "LR scheduler state",
+}
 
 
-def write_composition(run_dir: str | Path, composer: LossComposer) -> Path:
-    """Write `kdcompose_composition.yaml` into `run_dir` (created if needed); returns its path."""
-    path = Path(run_dir) / COMPOSITION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# The loss composition this run trained with (written by kdcompose at train start).\n"
-    body = yaml.safe_dump(composition_record(composer), sort_keys=False)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + body, encoding="utf-8")
-    tmp.replace(path)
-    return path
+@dataclass
+class ResumePlan:
+    """What `begin_train` found about the checkpoint a run resumes from (kept on the trainer)."""
+
+    checkpoint: str
+    global_step: int
+    epoch: int = 0
+    """The dataloader epoch the resumed run starts in (`checkpoint_epoch`)."""
+    not_exact: list[str] = field(default_factory=list)
+    """Why the resumed steps will not equal the uninterrupted run's (each logged as a warning)."""
+    composition_changes: list[str] = field(default_factory=list)
+    weights_loaded: int = 0
+    """Student tensors `load_full_weights` restored (0: adapters, or stock loading)."""
 
 
-def read_loss_terms(run_dir: str | Path) -> dict[str, Any] | None:
-    """The `loss_terms` a run folder recorded, or None when it has no readable record."""
-    path = Path(run_dir) / COMPOSITION_FILE
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+def not_exact_reasons(trainer: Any, checkpoint: str | Path, global_step: int) -> list[str]:
+    """Why the resumed steps will not equal the uninterrupted run's (empty: exact)."""
+    folder, args = Path(checkpoint), trainer.args
+    reasons: list[str] = []
+    missing = [f"{name} ({what})" for name, what in RESTORED_FILES.items() if not (folder / name).is_file()]
+    if not trainer.is_deepspeed_enabled and missing and not getattr(args, "resume_only_model", False):
+        reasons.append(
+            f"the checkpoint has no {', '.join(missing)}: it was saved with save_only_model: true; "
+            "set save_only_model: false to make checkpoints that resume exactly"
+        )
+    world = int(getattr(args, "world_size", 1) or 1)
+    rng = folder / (f"rng_state_{args.process_index}.pth" if world > 1 else "rng_state.pth")
+    if not rng.is_file() and not getattr(args, "resume_only_model", False):
+        reasons.append(f"the checkpoint has no {rng.name}: random states (dropout, sampling) start fresh")
+    if getattr(args, "resume_only_model", False):
+        reasons.append("resume_only_model: true restores only the weights (no optimizer, scheduler, RNG)")
+    if getattr(args, "ignore_data_skip", False):
+        reasons.append("ignore_data_skip: true restarts the epoch's data instead of skipping trained batches")
+    logging_steps = getattr(args, "logging_steps", 1)
+    if isinstance(logging_steps, int) and logging_steps > 1 and global_step % logging_steps:
+        reasons.append(
+            f"the checkpoint (step {global_step}) falls inside a logging window of {logging_steps} steps: "
+            "the first logged row after resuming averages fewer steps (make save_steps a multiple of "
+            "logging_steps)"
+        )
+    per_generation = int(getattr(args, "steps_per_generation", 0) or 0)
+    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    lmbda = float(getattr(trainer, "lmbda", 0.0) or 0.0)
+    if per_generation and (global_step * accumulation) % per_generation and lmbda > 0:
+        reasons.append(
+            f"the checkpoint falls inside a generation batch (steps_per_generation {per_generation}) of an "
+            "on-policy run: the rest of that batch is generated again by the restored student"
+        )
+    return reasons
+
+
+def begin_train(trainer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> ResumePlan | None:
+    """Called by the trainer's `train()` before the loop starts: refuse, warn, restore counters.
+
+    Installs the epoch-replaying sampler for every run (fresh runs keep stock order). For a
+    resume, refuses a changed composition (unless overridden), warns once for each reason the
+    resume cannot be exact, and restores the GKD micro-batch counter. Returns the plan (also kept
+    as `trainer.kd_resume_plan`), or None for a fresh run.
+    """
+    replay_epochs(trainer, lambda: getattr(getattr(trainer, "kd_resume_plan", None), "epoch", None))
+    trainer.kd_resume_plan = None
+    checkpoint = resume_checkpoint(trainer, args, kwargs)
+    if not checkpoint:
         return None
-    terms = (data or {}).get("rlhf", {}).get("loss_terms") if isinstance(data, Mapping) else None
-    return dict(terms) if isinstance(terms, Mapping) else None
+    require_complete(checkpoint, source="trainer.train")  # complete or absent: never half a save
+    global_step = checkpoint_global_step(checkpoint)
+    plan = ResumePlan(checkpoint=checkpoint, global_step=global_step, epoch=checkpoint_epoch(checkpoint))
+    plan.composition_changes = check_resume_composition(checkpoint, trainer.kd_composer)
+    plan.not_exact = not_exact_reasons(trainer, checkpoint, global_step)
+    restore_micro_batch_counter(trainer, global_step)
+    if trainer.accelerator.is_main_process:
+        for reason in plan.not_exact:
+            get_logger().warning(f"kdcompose: resuming from {checkpoint} will not be exact: {reason}")
+    trainer.kd_resume_plan = plan
+    return plan
 
 
-def composition_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two `loss_terms` blocks (empty: the same)."""
-    changes = [f"term {name!r} removed" for name in sorted(set(saved) - set(current))]
-    changes += [f"term {name!r} added" for name in sorted(set(current) - set(saved))]
-    for name in sorted(set(saved) & set(current)):
-        before, after = saved[name] or {}, current[name] or {}
-        for key in sorted(set(before) | set(after)):
-            if before.get(key) != after.get(key):
-                changes.append(f"{name}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
-    return changes
+def load_checkpoint_weights(trainer: Any, checkpoint: str, model: Any = None) -> bool:
+    """The trainer's `_load_from_checkpoint`: True when the full student weights were restored here
+    (the caller must then skip the stock loader), False when the stock loader should run."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    target = model if model is not None else trainer.model
+    target = trainer.accelerator.unwrap_model(target) if hasattr(trainer, "accelerator") else target
+    loaded = load_full_weights(target, checkpoint)
+    if loaded is None:
+        return False
+    plan = getattr(trainer, "kd_resume_plan", None)
+    if plan is not None:
+        plan.weights_loaded = loaded
+    return True
 
 
-def resume_changes(checkpoint: str | Path, composer: LossComposer) -> list[str] | None:
-    """What differs from the composition of the run `checkpoint` belongs to (None: no record)."""
-    saved = read_loss_terms(Path(checkpoint).parent)
-    if saved is None:
-        return None
-    return composition_changes(saved, loss_terms_of(composer))
-
-
-def write_checkpoint_state(checkpoint_dir: str | Path, state: Mapping[str, Any]) -> Path | None:
-    """Write `kdcompose_state.json` into an existing checkpoint folder (None if it is not there)."""
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        return None
-    path = folder / STATE_FILE
-    path.write_text(json.dumps(dict(state), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-def read_checkpoint_state(checkpoint_dir: str | Path | None) -> dict[str, Any]:
-    """The state a checkpoint recorded ({} when none: a checkpoint from before kdcompose wrote it)."""
-    if not checkpoint_dir:
-        return {}
-    try:
-        data = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-__all__ = [
-    "COMPOSITION_FILE",
-    "STATE_FILE",
-    "composition_changes",
-    "composition_record",
-    "loss_terms_of",
-    "read_checkpoint_state",
-    "read_loss_terms",
-    "resume_changes",
-    "write_checkpoint_state",
-    "write_composition",
-]
+__all__ = ["ResumePlan", "begin_train", "load_checkpoint_weights", "not_exact_reasons"]

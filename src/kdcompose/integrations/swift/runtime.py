@@ -69,14 +69,18 @@ def check_swift_version(version: str | None = None) -> str:
 
 
 def prepare_swift_import() -> str:
-    """Check ms-swift and make its VL code importable; call before the first `import swift`.
+    """Check ms-swift, make its VL code importable, and import it; returns its version. Call it
+    before anything else imports ms-swift.
 
     torchvision (imported by transformers' VL processors and ms-swift's Qwen-VL loader) may
     be a CUDA build next to a CPU torch; `ensure_torchvision_importable` fixes that in this
-    process and does nothing where torchvision works.
+    process and does nothing where torchvision works. ms-swift's top-level package loads its
+    submodules lazily, so importing it here costs little.
     """
     version = check_swift_version()
     from kdcompose.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
+    import swift  # noqa: F401  (readied above; every caller goes on to use it)
+
     return version
