@@ -6,7 +6,7 @@ from a teacher does measurably better than the same student without it. So the d
 1. **Trains a teacher that knows something** (once; cached by its recipe under
    `$KDCOMPOSE_CACHE`, default `~/.cache/kdcompose/teachers`): the tiny Qwen2-VL teacher learns
    to caption many synthetic pictures — "a large red square in the top left on a white
-   background." — whose five attributes are all visible (`kdcompose.testing.teacher_training`).
+   background." — whose five attributes are all visible (`kdcompose.testing.pretraining`).
 2. **Trains a student on a few labelled pictures, twice, through `kdcompose train`**: once with
    `lm_jsd + ce + visual_kd` (distilled) and once with `ce` alone (the control) — the same
    student, pictures, steps and seed. Both are ordinary kdcompose configs written into the
@@ -231,16 +231,27 @@ class _Demo:
 
     def prepare(self) -> tuple[Path, list[Run]]:
         """The trained teacher (cached), the student, the labelled data and the two configs."""
-        from kdcompose.testing import cache_root
         from kdcompose.testing.caption_task import PROMPT, TaskSpec, task_samples
         from kdcompose.testing.datasets import write_image_dataset
-        from kdcompose.testing.pretraining import TEACHER_RECIPE, build_student, build_trained_teacher
+        from kdcompose.testing.pretraining import (
+            TEACHER_RECIPE,
+            build_student,
+            build_trained_teacher,
+            is_teacher_cached,
+            trained_teacher_dir,
+        )
 
         seen = TEACHER_RECIPE.vision_samples + TEACHER_RECIPE.samples
-        self.say(
-            f"teacher: tiny {FAMILY} trained on {seen} synthetic pictures (once; cached under "
-            f"{cache_root() / 'teachers'})"
-        )
+        if is_teacher_cached():
+            self.say(
+                f"teacher: tiny {FAMILY} trained on {seen} synthetic pictures, from the cache "
+                f"({trained_teacher_dir()})"
+            )
+        else:
+            self.say(
+                f"teacher: training a tiny {FAMILY} on {seen} synthetic pictures (once; cached in "
+                f"{trained_teacher_dir()})"
+            )
         began = time.perf_counter()
         teacher = build_trained_teacher(stream=self.stderr)
         student = build_student(teacher)

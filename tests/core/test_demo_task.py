@@ -107,3 +107,43 @@ def test_the_two_student_configs_differ_only_in_their_loss_terms(tmp_path):
     assert [t.name for t in parsed.composition.terms if t.weight > 0] == ["ce"]
     parsed = parse_config(yaml.safe_load(demo_config_text(*args, distilled=True)))
     assert {t.name for t in parsed.composition.terms if t.weight > 0} == {"lm_jsd", "ce", "visual_kd"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_zero_row_head_gives_the_full_heads_logits_and_argmax(seed):
+    """The evaluation's LM head skips the zero rows; its logits and greedy token must be the
+    full head's, including the ties a zero row wins (every live logit negative, or all zero)."""
+    import torch
+
+    from kdcompose.testing.evaluation import argmax_ids, with_zero_row_head
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab, width = 300, 8
+    weight = torch.zeros(vocab, width, dtype=torch.float64)
+    live = torch.randperm(vocab, generator=generator)[:40]
+    weight[live] = torch.randn(40, width, generator=generator, dtype=torch.float64)
+    weight[live, 0] = weight[live, 0].abs() + 0.1  # so that hidden (-1, 0, ...) makes every live logit < 0
+    full = torch.nn.Linear(width, vocab, bias=False, dtype=torch.float64)
+    full.weight.data = weight.clone()
+    model = torch.nn.Module()
+    model.lm_head = full
+    head = with_zero_row_head(model).lm_head
+    assert head is not full
+    hidden = torch.randn(64, width, generator=generator, dtype=torch.float64)
+    hidden[:4] = 0.0  # every logit 0: the smallest id wins
+    hidden[8] = 0.0
+    hidden[8, 0] = -1.0  # every live logit negative: the first zero row wins
+    expected = hidden @ weight.T
+    assert torch.allclose(head(hidden), expected, atol=1e-12)
+    assert torch.equal(argmax_ids(head, hidden), expected.argmax(dim=-1))
+    assert int(argmax_ids(head, hidden[8:9])) not in set(live.tolist())
+
+
+def test_a_head_without_zero_rows_is_kept():
+    import torch
+
+    from kdcompose.testing.evaluation import with_zero_row_head
+
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(4, 10, bias=False)
+    assert with_zero_row_head(model).lm_head is model.lm_head

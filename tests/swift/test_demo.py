@@ -96,13 +96,11 @@ def test_the_formulas_progress_bars_and_where_things_are_are_printed(demo):
     out, _, stdout, stderr = demo
     assert "Loss = 1*lm_jsd(beta=0.5, top20) + 1*ce + 1*visual_kd(vit:cosine, aligner:mse)" in stdout
     assert "student, ce only: Loss = 1*ce" in stdout
-    for bar in (
-        "teacher: vision",
-        "teacher: captions",
-        "student, distilled:",
-        "student, ce only:",
-        "evaluate:",
-    ):
+    bars = ["student, distilled:", "student, ce only:", "evaluate:"]
+    if "from the cache" not in stdout.splitlines()[0]:  # this run trained the teacher
+        assert stdout.startswith("kdcompose demo: teacher: training a tiny qwen2_vl")
+        bars += ["teacher: vision", "teacher: captions"]
+    for bar in bars:
         assert bar in stderr, bar
     for needle in (str(out / SUMMARY_FILE), str(out / PLOT_FILE), f"kdcompose train {out / CONFIG_NAME}"):
         assert needle in stdout, needle
@@ -169,18 +167,21 @@ def test_teacher_student_and_encoder_are_what_the_docs_say(demo):
     dead = torch.ones(head.shape[0], dtype=torch.bool)
     dead[live_token_ids()] = False
     assert torch.count_nonzero(head[dead]) == 0 and torch.count_nonzero(head[~dead]) > 0
+    # the names ms-swift's checkpoints and the cached models use (transformers' saved layout)
     for i, j in enumerate(STUDENT_RECIPE.teacher_layers):
-        for name, value in student.items():
-            if name.startswith(f"model.language_model.layers.{i}."):
-                twin = name.replace(f"layers.{i}.", f"layers.{j}.", 1)
-                assert torch.equal(value, teacher[twin]), name
-    for name in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+        layer = [name for name in student if name.startswith(f"model.layers.{i}.")]
+        assert layer
+        for name in layer:
+            twin = name.replace(f"layers.{i}.", f"layers.{j}.", 1)
+            assert torch.equal(student[name], teacher[twin]), name
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
         assert torch.equal(student[name], teacher[name])
     merger = [n for n in student if ".merger." in n]
     assert merger and all(torch.equal(student[n], teacher[n]) for n in merger)
-    patch = "model.visual.patch_embed.proj.weight"
+    patch = "visual.patch_embed.proj.weight"
     assert not torch.equal(student[patch], teacher[patch]), "the student's vision tower is new"
-    assert not any(n.startswith("model.visual.blocks.1.") for n in student), "one block, not two"
+    assert any(n.startswith("visual.blocks.0.") for n in student)
+    assert not any(n.startswith("visual.blocks.1.") for n in student), "one block, not two"
 
 
 def test_the_fast_encoder_equals_ms_swift_template_encoding(demo):

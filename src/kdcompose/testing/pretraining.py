@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from kdcompose.testing._cache import atomic_build, cache_root, content_key, read_manifest
+from kdcompose.testing._cache import atomic_build, cache_root, content_key, is_complete, read_manifest
 from kdcompose.testing.caption_task import TaskEncoder, TaskSpec, model_inputs, task_samples
 from kdcompose.testing.tiny_models import TinySpec, _versions, build_config, spec_key, tiny_spec
 from kdcompose.testing.tokenizer import (
@@ -349,6 +349,17 @@ def _save(model: Any, processor: Any, out: Path, record: Mapping[str, Any]) -> N
     (out / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def trained_teacher_dir(recipe: TeacherRecipe = TEACHER_RECIPE) -> Path:
+    """Where the teacher of `recipe` is cached (whether or not it has been trained yet)."""
+    key = content_key(recipe.key_payload())
+    return cache_root() / "teachers" / f"{recipe.family}-{key}"
+
+
+def is_teacher_cached(recipe: TeacherRecipe = TEACHER_RECIPE) -> bool:
+    """Whether `build_trained_teacher(recipe)` will take the teacher from the cache."""
+    return is_complete(trained_teacher_dir(recipe), content_key(recipe.key_payload()))
+
+
 def build_trained_teacher(
     recipe: TeacherRecipe = TEACHER_RECIPE,
     out_dir: str | os.PathLike[str] | None = None,
@@ -360,7 +371,7 @@ def build_trained_teacher(
     callers are safe."""
     payload = recipe.key_payload()
     key = content_key(payload)
-    final = Path(out_dir) if out_dir is not None else cache_root() / "teachers" / f"{recipe.family}-{key}"
+    final = Path(out_dir) if out_dir is not None else trained_teacher_dir(recipe)
     description = {**payload, "spec": dataclasses.asdict(recipe.spec())}
     return atomic_build(
         final, key, lambda tmp, _final: _one_thread(train_teacher, recipe, tmp, stream=stream), description
