@@ -8,8 +8,20 @@ the teacher beats both, the outputs have their documented shape, the plot of the
 follows the plot rules, and the pieces the demo builds (teacher, student, encoder) are what the
 docs say they are.
 
-Seed spread (measured with `kdcompose demo --seed S`, S = 1..5, the cached teacher, 2 shared
-CPU cores): see `MARGIN` below.
+Seed spread, measured on the demo as it ships (`kdcompose demo --seed S` for S = 42, 1, 2, 3, 4;
+the cached teacher; 200 held-out pictures; 2 CPU cores shared with other test runs, load 4-5),
+attributes right:
+
+    student            mean    sd      range
+    ce only            0.576   0.018   0.555 - 0.595
+    distilled          0.673   0.030   0.644 - 0.723
+    distilled - ce     0.097   0.038   0.067 - 0.160   (same seed; seed 42, the default: 0.160)
+
+(token accuracy: ce only 0.826 - 0.850, distilled 0.872 - 0.900.) If distillation did nothing,
+both students' scores would be draws of one score with a seed-to-seed sd of about 0.025 (the two
+pooled), so the difference of two runs would have an sd of about 0.035 and would exceed 0.06
+by seed alone about 5% of the time (1.645 sd). Hence `MARGIN = 0.06`; every seed measured
+cleared it, the smallest by 0.007.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ from kdcompose.plot import LOG_FILE, classify, read_rows
 pytestmark = pytest.mark.swift
 
 MARGIN = 0.06
-"""Distilled minus control, attributes right, must exceed this (see the module docstring)."""
+"""Distilled minus control, attributes right, must exceed this: seed noise alone would do it
+about 5% of the time (see the module docstring for the measured spread)."""
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
