@@ -19,8 +19,8 @@ from a teacher does measurably better than the same student without it. So the d
 
 Why the distilled student wins: the few labelled captions say *what* each picture shows, but a
 student that has to learn to see from them alone underfits. The teacher saw thousands of
-pictures: its vision features (`visual_kd` on the vision tower and, through a trainable
-projector, on the aligner) show the student's vision tower what to look at, and its
+pictures: its vision features (`visual_kd` on the vision tower's and the aligner's outputs,
+the same widths in both models) show the student's vision tower what to look at, and its
 next-token distributions (`lm_jsd`) say how sure to be of each word.
 """
 
