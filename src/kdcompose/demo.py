@@ -380,7 +380,8 @@ class _Demo:
         config = self.output / CONFIG_NAME
         lines = [
             "",
-            f"held-out pictures: {held_out}; the students trained on {LABELLED} labelled pictures "
+            f"held-out pictures: {held_out}; the {'student' if self.quick else 'students'} trained on "
+            f"{LABELLED} labelled pictures "
             f"for {self.steps} steps (seed {self.seed}).",
             f"kdcompose demo: done in {time.perf_counter() - self.start:.0f} s.",
             f"  summary       {self.output / SUMMARY_FILE}",
