@@ -36,6 +36,9 @@ RAW_SUFFIX = "_raw"
 """`<metric>_raw`: a term's unweighted value (with `log_raw: true`)."""
 RESERVED_PARTS: frozenset[str] = frozenset({WEIGHT_SUFFIX[1:], RAW_SUFFIX[1:]})
 """Part names a term may not use: `<metric>_weight` / `<metric>_raw` would be ambiguous."""
+STAT_NAMES: frozenset[str] = frozenset({"topk_mass", "kept_frac", "matched_frac"})
+"""Diagnostics the built-in terms publish as `<metric>_<name>` (`TermValue.stats`): unweighted,
+not in the total. Readers of a log (`kdcompose plot`) use this list to tell them from parts."""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ Each row::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,12 @@ class ShapeSample:
     size: str
     position: str
     background: str
+    offset: tuple[int, int] = (0, 0)
+    """Pixels (x, y) the shape is moved from its slot, towards the picture's inside."""
+    scale: float = 1.0
+    """Multiplies the size class's side (0.9-1.1 keeps the three classes apart)."""
+    tint: tuple[int, int, int] = (0, 0, 0)
+    """Added to the shape's RGB colour (small: the colour name stays right)."""
 
     @property
     def caption(self) -> str:
@@ -87,17 +95,26 @@ def render_shape(sample: ShapeSample):  # -> PIL.Image.Image
 
     img = Image.new("RGB", (sample.width, sample.height), _RGB[sample.background])
     draw = ImageDraw.Draw(img)
-    side = int(min(sample.width, sample.height) * _SIZE_FRACTION[sample.size])
+    side = int(min(sample.width, sample.height) * _SIZE_FRACTION[sample.size] * sample.scale)
     margin = 2
-    xs = {"left": margin, "center": (sample.width - side) // 2, "right": sample.width - side - margin}
-    ys = {"top": margin, "center": (sample.height - side) // 2, "bottom": sample.height - side - margin}
+    dx, dy = sample.offset
+    xs = {
+        "left": margin + dx,
+        "center": (sample.width - side) // 2 + dx,
+        "right": sample.width - side - margin - dx,
+    }
+    ys = {
+        "top": margin + dy,
+        "center": (sample.height - side) // 2 + dy,
+        "bottom": sample.height - side - margin - dy,
+    }
     if sample.position == "center":
         x0, y0 = xs["center"], ys["center"]
     else:
         vert, horiz = sample.position.split()
         x0, y0 = xs[horiz], ys[vert]
     x1, y1 = x0 + side, y0 + side
-    fill = _RGB[sample.color]
+    fill = tuple(min(255, max(0, c + t)) for c, t in zip(_RGB[sample.color], sample.tint, strict=True))
     if sample.shape == "square":
         draw.rectangle([x0, y0, x1, y1], fill=fill)
     elif sample.shape == "circle":
@@ -157,28 +174,52 @@ def build_caption_dataset(
 
     def build(tmp: Path, final_dir: Path) -> None:
         samples = sample_shapes(n, seed)
+        if image:
+            _write_image_rows(tmp, final_dir, samples, prompt)
+            return
         rng = random.Random(seed + 1)
-        rows = []
-        for i, sample in enumerate(samples):
-            if image:
-                name = f"img_{i:05d}.png"
-                render_shape(sample).save(tmp / name, format="PNG", optimize=False)
-                rows.append(
-                    {
-                        "messages": [
-                            {"role": "user", "content": f"<image>{prompt}"},
-                            {"role": "assistant", "content": sample.caption},
-                        ],
-                        "images": [str(final_dir / name)],
-                    }
-                )
-            else:
-                rows.append(_text_row(sample, rng))
-        with open(tmp / DATA_FILE, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_jsonl(tmp / DATA_FILE, [_text_row(sample, rng) for sample in samples])
 
     return atomic_build(final, key, build, desc) / DATA_FILE
+
+
+def write_image_dataset(out_dir: str | Path, samples: Sequence[ShapeSample], prompt: str) -> Path:
+    """Write (once) the pictures of `samples` and their captions as an ms-swift JSONL dataset in
+    `out_dir`; returns the JSONL path. Keyed by the samples themselves, so the same samples
+    reuse the folder and different ones replace it."""
+    desc = {
+        "kind": "caption-samples",
+        "samples": [dataclasses.asdict(s) for s in samples],
+        "prompt": prompt,
+        "format": DATASET_FORMAT_VERSION,
+    }
+    key = content_key(desc)
+    summary = {"kind": desc["kind"], "n": len(samples), "prompt": prompt, "format": DATASET_FORMAT_VERSION}
+    build = lambda tmp, final_dir: _write_image_rows(tmp, final_dir, samples, prompt)  # noqa: E731
+    return atomic_build(Path(out_dir), key, build, summary) / DATA_FILE
+
+
+def _write_image_rows(tmp: Path, final_dir: Path, samples: Sequence[ShapeSample], prompt: str) -> None:
+    rows = []
+    for i, sample in enumerate(samples):
+        name = f"img_{i:05d}.png"
+        render_shape(sample).save(tmp / name, format="PNG", optimize=False)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"<image>{prompt}"},
+                    {"role": "assistant", "content": sample.caption},
+                ],
+                "images": [str(final_dir / name)],
+            }
+        )
+    _write_jsonl(tmp / DATA_FILE, rows)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def load_rows(path: str | Path) -> list[dict]:

@@ -104,6 +104,11 @@ class TinySpec:
     vision_mlp_ratio: int = 2
     tie_word_embeddings: bool = False
     seed: int = 0
+    rope_theta: float | None = None
+    """The language model's RoPE base; None: the family's own (1e6, Qwen3-VL 5e6). With a tiny
+    head (16 dims) those bases leave the multimodal-RoPE height/width sections only frequencies
+    below 0.03 rad per position, so a model cannot tell a 3x3 grid of vision tokens apart; a base
+    of 10 can (`kdcompose demo` needs positions)."""
 
     @property
     def head_dim(self) -> int:
@@ -206,14 +211,17 @@ def build_config(spec: TinySpec):  # -> transformers.PreTrainedConfig
             bos_token_id=PAD_TOKEN_ID,
             eos_token_id=EOS_TOKEN_ID,
             tie_word_embeddings=tie,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta or 1000000.0},
             architectures=["Qwen2ForCausalLM"],
             dtype="float32",
         )
     mrope = _mrope_section(spec.family, spec.head_dim)
+    theta = {"qwen2_vl": 1000000.0, "qwen2_5_vl": 1000000.0, "qwen3_vl": 5000000.0}[spec.family]
+    if spec.rope_theta is not None:
+        theta = spec.rope_theta
     vision_intermediate = spec.vision_width * spec.vision_mlp_ratio
     if spec.family == "qwen2_vl":
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope}
+        rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": mrope}
         vision = {
             "depth": spec.vision_depth,
             "embed_dim": spec.vision_width,
@@ -224,7 +232,7 @@ def build_config(spec: TinySpec):  # -> transformers.PreTrainedConfig
         }
         cls, arch = tf.Qwen2VLConfig, "Qwen2VLForConditionalGeneration"
     elif spec.family == "qwen2_5_vl":
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope}
+        rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": mrope}
         vision = {
             "depth": spec.vision_depth,
             "hidden_size": spec.vision_width,
@@ -239,7 +247,7 @@ def build_config(spec: TinySpec):  # -> transformers.PreTrainedConfig
     else:  # qwen3_vl
         rope = {
             "rope_type": "default",
-            "rope_theta": 5000000.0,
+            "rope_theta": theta,
             "mrope_section": mrope,
             "mrope_interleaved": True,
         }
@@ -354,6 +362,17 @@ def _write_model(spec: TinySpec, out: Path) -> None:
     build_processor(spec.family).save_pretrained(out)
 
 
+_KEY_OPTIONAL: tuple[str, ...] = ("rope_theta",)
+"""Fields added after the first release: left out of the cache key while unset, so the models
+built before they existed keep their keys (and their cache entries)."""
+
+
+def spec_key(spec: TinySpec) -> dict[str, Any]:
+    """The spec's fields as they enter a cache key."""
+    fields = dataclasses.asdict(spec)
+    return {k: v for k, v in fields.items() if not (k in _KEY_OPTIONAL and v is None)}
+
+
 def build_tiny_model(
     family: str,
     role: str,
@@ -377,7 +396,7 @@ def build_tiny_model(
     )
     desc = {
         "kind": "tiny_model",
-        "spec": dataclasses.asdict(spec),
+        "spec": spec_key(spec),
         "format": MODEL_FORMAT_VERSION,
         "versions": _versions(),
         "tokenizer": tokenizer_fingerprint(),
