@@ -139,7 +139,13 @@ def test_sigint_to_kdcompose_train_exits_cleanly_with_a_message(tmp_path):
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen(
-            kdcompose_command("train", str(config)), stdout=out, stderr=err, env=subprocess_env(tmp_path)
+            kdcompose_command("train", str(config)),
+            stdout=out,
+            stderr=err,
+            env=subprocess_env(tmp_path),
+            # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it:
+            # the child gets Ctrl-C as a terminal user's process would, however pytest was started
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 300

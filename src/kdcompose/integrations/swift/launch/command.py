@@ -167,7 +167,12 @@ def run(config: KDConfig, resume_from: str | None = None) -> Any:
         kwargs["resume_from_checkpoint"] = resume_from
     arguments = build_arguments(config, kwargs)
     with trainer_selected(run_composition(config)):
-        return rlhf_main(arguments)
+        result = rlhf_main(arguments)
+    if os.environ.get("LOCAL_RANK") is not None:  # a torchrun worker: end its group cleanly
+        from kdcompose.training.process_group import release_process_group
+
+        release_process_group()
+    return result
 
 
 def _torchrun_command(
