@@ -1,13 +1,13 @@
-"""A few hundred real steps: memory stays flat, NaN steps are skipped, a resume continues the run.
+"""A hundred and fifty real steps: memory stays flat, NaN steps are skipped, a resume continues the run.
 
 One uninterrupted run (module scope, in-process, the prepared trainer of a `kdcompose train`
-config): 300 optimizer steps of batch 1 on tiny Qwen2-VL models (LoRA student, so the feature
+config): 150 optimizer steps of batch 1 on tiny Qwen2-VL models (LoRA student, so the feature
 hooks sit under PEFT's `base_model.model.`) with all three terms —
 lm_jsd, ce on a linear schedule, visual_kd on the vision tower (forward hooks) — plus the
 test-only `nan_probe` term (tests/nan_probe.py) that goes NaN at three steps with
-`on_nonfinite: skip_step`. A checkpoint is saved at step 290. RSS is sampled every 25 steps
-after `gc.collect()`. Then a second run resumes from checkpoint-290 and must log the same
-values for steps 291-300 (all 300 steps stay in the first epoch: TRL's RepeatSampler draws a
+`on_nonfinite: skip_step`. A checkpoint is saved at step 140. RSS is sampled every 25 steps
+after `gc.collect()`. Then a second run resumes from checkpoint-140 and must log the same
+values for steps 141-150 (all 150 steps stay in the first epoch: TRL's RepeatSampler draws a
 new permutation per epoch from a generator that is not checkpointed, so only a resume inside
 an epoch replays the same samples).
 """
@@ -37,8 +37,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
 ]
 
-STEPS, SAVE_AT = 300, 290
-NAN_AT = (60, 150, 240)
+STEPS, SAVE_AT = 150, 140
+NAN_AT = (40, 80, 120)
 """global_step values (0-based) at which the probe term goes NaN."""
 RSS_FROM, RSS_BOUND_MB = 50, 64.0
 CE_SCHEDULE = {"kind": "linear", "start": 1.0, "end": 0.1, "total_steps": STEPS}
@@ -135,7 +135,7 @@ def long_run(tmp_path_factory):
     }
 
 
-def test_memory_stays_flat_over_hundreds_of_steps(long_run):
+def test_memory_stays_flat_over_a_hundred_steps(long_run):
     rss = long_run["watch"].rss_mb
     assert sorted(rss) == list(range(25, STEPS + 1, 25))
     growth = rss[STEPS] - rss[RSS_FROM]
@@ -169,7 +169,7 @@ def test_nonfinite_steps_are_skipped_and_counted(long_run):
 def test_the_composition_is_recorded_next_to_the_checkpoints(long_run):
     run_dir, checkpoint = long_run["run_dir"], long_run["checkpoint"]
     record = yaml.safe_load((run_dir / COMPOSITION_FILE).read_text())
-    assert record["formula"].startswith("Loss = 1*lm_jsd(beta=0.5, T=0.9) + 0.3*ce[linear 1->0.1 over 300]")
+    assert record["formula"].startswith("Loss = 1*lm_jsd(beta=0.5, T=0.9) + 0.3*ce[linear 1->0.1 over 150]")
     assert read_loss_terms(run_dir)["nan"]["on_nonfinite"] == "skip_step"
     assert (run_dir / "args.json").is_file() and checkpoint.is_dir()
     assert json.loads((checkpoint / STATE_FILE).read_text())["nonfinite_skipped_steps"] == 3
