@@ -96,14 +96,30 @@ def _teachers_schema() -> dict[str, Any]:
         "oneOf": [
             {
                 "type": "object",
-                "properties": {"server": {"type": "string", "pattern": "^https?://"}},
+                "properties": {
+                    "server": {"type": "string", "pattern": "^https?://"},
+                    "tokenizer": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "the folder of the teacher's tokenizer.json when it differs from "
+                        "the student's (cross_tokenizer terms); relative to the config's folder",
+                    },
+                },
                 "required": ["server"],
                 "additionalProperties": False,
                 "description": "a teacher server (kdcompose serve-teacher, swift deploy)",
             },
             {
                 "type": "object",
-                "properties": {"cache": {"type": "string", "minLength": 1}},
+                "properties": {
+                    "cache": {"type": "string", "minLength": 1},
+                    "tokenizer": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "the folder of the teacher's tokenizer.json when it differs from "
+                        "the student's (cross_tokenizer terms); relative to the config's folder",
+                    },
+                },
                 "required": ["cache"],
                 "additionalProperties": False,
                 "description": "a top-K cache (kdcompose teacher-cache); relative to the config's folder",
