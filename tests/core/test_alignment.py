@@ -12,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kdcompose.teachers.alignment import (
@@ -95,7 +95,6 @@ def test_byte_level_table_is_gpt2s_alphabet_and_spells_every_token(pair) -> None
     assert table.special == {i for i, t in student.added_tokens_decoder.items() if t.special}
 
 
-@settings(max_examples=40)
 @given(text=MIXED)
 def test_decode_bytes_round_trips_any_text(pair, text) -> None:
     for tok in pair:
@@ -145,7 +144,6 @@ def test_table_is_cached_per_tokenizer_and_rebuilt_when_it_grows() -> None:
 # ------------------------------------------------------------------------------------ alignment
 
 
-@settings(max_examples=60)
 @given(text=MIXED)
 def test_groups_partition_both_sides_and_spell_the_text_minimally(pair, text) -> None:
     student, teacher = pair
@@ -162,7 +160,6 @@ def test_groups_partition_both_sides_and_spell_the_text_minimally(pair, text) ->
         assert not s_ends & t_ends
 
 
-@settings(max_examples=30)
 @given(ids=st.lists(st.integers(0, 555), max_size=30))
 def test_identical_tokenizers_give_one_token_groups_for_any_ids(pair, ids) -> None:
     student, _ = pair
@@ -244,7 +241,6 @@ def test_template_whitespace_next_to_special_tokens_joins_their_group(pair) -> N
 SEPARATORS = st.sampled_from(["", "\n", " ", "\n\n"])
 
 
-@settings(max_examples=40)
 @given(
     segments=st.lists(st.tuples(MIXED, SEPARATORS, SEPARATORS), min_size=1, max_size=3),
     tail=MIXED,

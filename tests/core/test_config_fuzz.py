@@ -107,7 +107,7 @@ def _check(config: Any) -> None:
                 assert any(issue.path == k or issue.path.startswith(k + ".") for k in top), (issue, top)
 
 
-@settings(max_examples=400)
+@settings(max_examples=120)
 @given(mutated_configs())
 def test_mutated_configs_validate_or_fail_with_dotted_paths(config):
     _check(config)

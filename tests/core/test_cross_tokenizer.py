@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kdcompose.functional import generalized_jsd
@@ -105,7 +105,6 @@ def _logits(rows: int, width: int, seed: int, scale: float = 2.0) -> torch.Tenso
 # ------------------------------------------------------------------------------------ the numbers
 
 
-@settings(max_examples=4)
 @given(
     texts=st.lists(st.sampled_from(TEXTS), min_size=1, max_size=2),
     beta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
@@ -151,7 +150,6 @@ def test_matches_textbook_reference_values_and_gradients(
     assert zt_in.grad is None  # the teacher gets no gradient
 
 
-@settings(max_examples=6)
 @given(
     ids=st.lists(st.lists(st.integers(0, 555), min_size=0, max_size=10), min_size=1, max_size=3),
     beta=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
@@ -290,7 +288,6 @@ def _topk(zt: torch.Tensor, teacher_ids, k: int, temperature: float = 1.0) -> Te
     return TeacherTopK(ids, values, token, temperature=temperature)
 
 
-@settings(max_examples=4)
 @given(text=st.sampled_from(TEXTS), seed=st.integers(0, 2**16), beta=st.sampled_from([0.0, 0.5, 1.0]))
 def test_topk_covering_the_vocabulary_equals_full_logits(pair, vocab, widths, text, seed, beta) -> None:
     student, teacher = pair
@@ -305,7 +302,6 @@ def test_topk_covering_the_vocabulary_equals_full_logits(pair, vocab, widths, te
     torch.testing.assert_close(top.uld_sum, full.uld_sum, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=4)
 @given(text=st.sampled_from(TEXTS), seed=st.integers(0, 2**16), k=st.integers(1, 40))
 def test_topk_uld_is_a_lower_bound_and_matched_is_renormalized_over_the_known_ids(
     pair, vocab, widths, text, seed, k

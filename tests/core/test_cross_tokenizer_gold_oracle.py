@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kdcompose.functional.cross_tokenizer import AlignedBatch, TeacherLogits, cross_tokenizer_loss
@@ -102,7 +102,6 @@ def _rows(seqs: list[torch.Tensor], ids: list[tuple[int, ...]]) -> tuple[torch.T
     return logits, labels
 
 
-@settings(max_examples=25)
 @given(text=ASCII)
 def test_alignment_groups_equal_golds(ULDLoss, pair, text) -> None:
     student, teacher = pair
@@ -128,7 +127,6 @@ def test_merged_probabilities_equal_golds(ULDLoss, pair) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
-@settings(max_examples=6)
 @given(
     texts=st.lists(ASCII, min_size=1, max_size=2),
     temperature=st.sampled_from([0.8, 1.0, 1.5]),

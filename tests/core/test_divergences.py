@@ -211,7 +211,7 @@ case_index = st.integers(0, len(CASES) - 1)
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None)
+@settings(deadline=None)
 @given(case_index, problems())
 def test_logits_value_and_gradient_match_the_float64_oracle(i, problem):
     name, params = CASES[i]
@@ -261,7 +261,7 @@ def test_fused_equals_the_oracle_through_the_lm_heads(name, params):
         assert_grads_close(got, want, rel=1e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(case_index, problems(max_rows=4, max_vocab=7))
 def test_closed_forms_equal_autograd_of_their_own_value(i, problem):
     """The autograd fallback (per chunk) and the closed form agree: every hand-written gradient is

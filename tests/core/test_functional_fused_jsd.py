@@ -97,7 +97,7 @@ def test_equals_unfused_reference(beta, temperature, bias, masked):
         )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     leading=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),

@@ -85,7 +85,7 @@ def logits_pairs(draw, max_leading: int = 3, max_vocab: int = 12, with_labels: b
 betas = st.one_of(st.sampled_from(BETAS), st.floats(0.0, 1.0))
 temperatures = st.sampled_from((0.5, 1.0, 2.0, 3.7))
 chunk_sizes = st.one_of(st.none(), st.integers(1, 8))
-fast = settings(max_examples=40, deadline=None)
+fast = settings(deadline=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_sum_and_count_compose_to_the_mean(pair, beta, temperature, chunk):
         torch.testing.assert_close(g_sum / n_valid, g_mean, rtol=1e-5, atol=1e-7)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(logits_pairs(max_vocab=8), betas, temperatures)
 def test_mixed_precision_bf16_teacher_is_nonnegative_and_upcast(pair, beta, temperature):
     student, teacher, labels = pair

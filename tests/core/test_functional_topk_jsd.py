@@ -60,7 +60,7 @@ def value_and_grad(fn, logits, *args, **kwargs):
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     leading=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),
@@ -118,7 +118,7 @@ def np_zero_kl(student, lp, ids, labels, temperature):
     return total / max(count, 1)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     vocab=st.integers(3, 30),
@@ -215,7 +215,7 @@ def pad_with_absent(lp, ids, gen, n_pad):
     return lp2[..., perm], ids2[..., perm]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     leading=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),
@@ -529,7 +529,7 @@ def test_fused_equals_unfused(mode, teacher, bias, masked):
             torch.testing.assert_close(mass, topk_mass(lp, labels), rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     vocab=st.integers(2, 16),

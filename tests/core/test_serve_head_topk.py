@@ -42,7 +42,7 @@ def check(rows: int, hidden_size: int, vocab: int, k: int, slice_bytes: int, bia
     assert bool(((rank >= low) & (rank <= high.clamp(min=1))).all())
 
 
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(
     rows=st.integers(1, 9),
     vocab=st.integers(1, 700),

@@ -114,7 +114,7 @@ def test_labels_do_not_change_the_key() -> None:
     assert sample_keys(collate([a])) == sample_keys(collate([other]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(
     order=st.permutations([0, 1, 2, 3]),
     side=st.sampled_from(["left", "right"]),
