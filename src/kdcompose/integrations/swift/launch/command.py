@@ -7,7 +7,8 @@ attached to the arguments (see `spec`), ms-swift's trainer mapping for `gkd` is 
 `KDComposeGKDTrainer`, the loss formula is printed, and `rlhf_main` runs.
 
 With `NPROC_PER_NODE` / `NNODES` set (ms-swift's convention), the validated command is
-re-launched under `torch.distributed.run`, one `kdcompose train` per process (`launcher`).
+re-launched under `torch.distributed.run`, one `kdcompose train` per process
+(`training.torchrun_launcher`); each ends its process group once training returns.
 
 `--resume` continues from the newest complete checkpoint of the config's `output_dir`, chosen
 before any model loads (`resume_point`); SIGTERM during training saves a complete checkpoint of
