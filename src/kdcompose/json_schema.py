@@ -92,18 +92,19 @@ def _loss_terms_schema(types: list[str]) -> dict[str, Any]:
 
 
 def _teachers_schema() -> dict[str, Any]:
+    tokenizer = {
+        "type": "string",
+        "minLength": 1,
+        "description": "the folder of the teacher's tokenizer.json when it differs from the student's "
+        "(cross_tokenizer terms); relative to the config's folder",
+    }
     source = {
         "oneOf": [
             {
                 "type": "object",
                 "properties": {
                     "server": {"type": "string", "pattern": "^https?://"},
-                    "tokenizer": {
-                        "type": "string",
-                        "minLength": 1,
-                        "description": "the folder of the teacher's tokenizer.json when it differs from "
-                        "the student's (cross_tokenizer terms); relative to the config's folder",
-                    },
+                    "tokenizer": tokenizer,
                 },
                 "required": ["server"],
                 "additionalProperties": False,
@@ -113,12 +114,7 @@ def _teachers_schema() -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "cache": {"type": "string", "minLength": 1},
-                    "tokenizer": {
-                        "type": "string",
-                        "minLength": 1,
-                        "description": "the folder of the teacher's tokenizer.json when it differs from "
-                        "the student's (cross_tokenizer terms); relative to the config's folder",
-                    },
+                    "tokenizer": tokenizer,
                 },
                 "required": ["cache"],
                 "additionalProperties": False,
