@@ -158,12 +158,13 @@ def teachers_line(config: KDConfig) -> str | None:
     return "; ".join(parts) or None
 
 
-def run(config: KDConfig, resume_from: str | None = None) -> Any:
-    """Train with an already validated config and `swift_kwargs(config)` (from checkpoint
-    `resume_from` when given); returns ms-swift's result."""
+def run(config: KDConfig, resume_from: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
+    """Train with an already validated config and `kwargs` = `swift_kwargs(config)` (computed here
+    when not given; the preflight reads both models' files, so `train` hands on its own), from
+    checkpoint `resume_from` when given; returns ms-swift's result."""
     from swift import rlhf_main
 
-    kwargs = swift_kwargs(config)
+    kwargs = dict(kwargs) if kwargs is not None else swift_kwargs(config)
     if resume_from:
         kwargs["resume_from_checkpoint"] = resume_from
     arguments = build_arguments(config, kwargs)
@@ -228,7 +229,7 @@ def train(
 
     resume_path = config.arg_paths.get(RESUME_KEY, f"training.{RESUME_KEY}")
     try:
-        swift_kwargs(config)
+        kwargs = swift_kwargs(config)
         start = start_point(config.swift_args, resume=resume, path_of=resume_path, source=config.source)
     except ConfigError as exc:
         print(exc.render(), file=stderr)
@@ -270,7 +271,7 @@ def train(
 
     try:
         with startup_errors_as_config_errors(config.swift_args, config.arg_paths, config.source):
-            result = run(config, start.checkpoint if resume else None)
+            result = run(config, start.checkpoint if resume else None, kwargs)
     except TrainingStopped as stop:
         if main_process:
             print(
