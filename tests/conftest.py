@@ -24,6 +24,22 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under `pytest -n N`: each worker (and every process it starts, through the environment)
+    uses its share of the cores, so N workers do not each spin one thread per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(autouse=True)
 def _environment_restored():
     """Every test ends with the environment it started with. `monkeypatch.setenv` alone is not
@@ -35,3 +51,9 @@ def _environment_restored():
     if dict(os.environ) != before:
         os.environ.clear()
         os.environ.update(before)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4. Many tests start two or three processes of their
+    own (torchrun ranks, a teacher server), so more workers than that only queue for the cores."""
+    return max(1, min(4, os.cpu_count() or 1))

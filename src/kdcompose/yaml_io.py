@@ -24,7 +24,12 @@ MAX_DEPTH = 64
 """Nesting depth; real configs nest 4-5 levels."""
 
 
-class _StrictSafeLoader(yaml.SafeLoader):
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's parser where PyYAML was built with it (the wheels are): the same documents and marks,
+without the pure-Python scanner's quadratic time on deeply nested flow collections."""
+
+
+class _StrictSafeLoader(_SafeLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that refuses duplicate mapping keys."""
 
 

@@ -108,3 +108,25 @@ def test_overrides_travel_with_a_multi_process_relaunch(monkeypatch):
         "--set",
         "rlhf.loss_terms.ce.weight=0",
     ]
+
+
+def test_a_one_node_relaunch_without_master_port_takes_a_free_port_not_29500(monkeypatch):
+    """Two `NPROC_PER_NODE=2 kdcompose train` jobs on one machine must not share torchrun's fixed
+    default rendezvous port; an explicit MASTER_PORT is passed on as given."""
+    import socket
+
+    from kdcompose.integrations.swift.launch.command import _torchrun_command
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("NNODES", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    command = _torchrun_command("cfg.yaml")
+    assert command is not None and command.count("--master_port") == 1
+    port = int(command[command.index("--master_port") + 1])
+    assert port != 29500
+    with socket.socket() as sock:  # free when chosen: binding it works
+        sock.bind(("127.0.0.1", port))
+    monkeypatch.setenv("MASTER_PORT", "31337")
+    command = _torchrun_command("cfg.yaml")
+    assert command[command.index("--master_port") + 1] == "31337" and command.count("--master_port") == 1

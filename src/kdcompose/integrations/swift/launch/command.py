@@ -37,7 +37,7 @@ from kdcompose.integrations.swift.launch.args import (
 from kdcompose.integrations.swift.launch.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 from kdcompose.resolve import legacy_llm_kd_weight
-from kdcompose.training.engines import prepare_engine
+from kdcompose.training.engines import free_port, prepare_engine
 from kdcompose.training.preemption import EXIT_PREEMPTED, EXIT_SIGTERM, TrainingStopped, grace_seconds
 from kdcompose.training.records import loss_terms_of
 
@@ -193,6 +193,10 @@ def _torchrun_command(
     for key in _TORCHRUN_ENV:
         if os.environ.get(key) is not None:
             launcher += [f"--{key.lower()}", os.environ[key]]
+    if os.environ.get("MASTER_PORT") is None and os.environ.get("NNODES", "1") == "1":
+        # One node: a port free now, not torchrun's fixed 29500, so two runs on one machine
+        # (two jobs, or a job beside a test) do not take each other's rendezvous.
+        launcher += ["--master_port", str(free_port())]
     if os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") is None:  # room for a save on SIGTERM
         launcher += ["--shutdown_timeout", str(shutdown_timeout_s(grace_seconds()))]
     sets = [arg for override in overrides for arg in ("--set", override)]
