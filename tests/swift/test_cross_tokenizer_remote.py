@@ -24,11 +24,12 @@ import pytest
 import torch
 import yaml
 from swift_support import kdcompose_command, run_command, step_logs, subprocess_env, train_as_user
+from text_pair_config import text_pair_sections
 
 from kdcompose.serve.process import ServerProcess
 from kdcompose.teachers.alignment import decode_bytes, token_table
 from kdcompose.testing import build_caption_dataset
-from kdcompose.testing.tokenizer_pair import build_tiny_text_model, build_trained_text_model, swift_model_args
+from kdcompose.testing.tokenizer_pair import build_tiny_text_model, build_trained_text_model
 
 pytestmark = [
     pytest.mark.swift,
@@ -49,46 +50,9 @@ def _data() -> Path:
 
 
 def config(out: Path, rlhf: dict, *, teacher: Path | None = None) -> dict:
-    """A sectioned config: the tiny student, the caption data, `rlhf` (plus `teacher` as the local
-    `teacher_model` when given: what `kdcompose teacher-cache` runs)."""
-    student = swift_model_args("student", build_tiny_text_model("student"))
-    model = {
-        "model": student["model"],
-        "model_type": student["model_type"],
-        "check_model": False,
-        "torch_dtype": "float32",
-    }
-    if teacher is not None:
-        model.update(
-            teacher_model=str(teacher), teacher_model_type=swift_model_args("teacher", teacher)["model_type"]
-        )
-    return {
-        "model": model,
-        "template": {"template": student["template"], "max_length": 256},
-        "data": {
-            "dataset": [str(_data())],
-            "split_dataset_ratio": 0.0,
-            "dataset_num_proc": 1,
-            "load_from_cache_file": False,
-        },
-        "tuner": {"tuner_type": "full"},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False,
-            "max_steps": STEPS,
-            "learning_rate": 2e-2,
-            "lr_scheduler_type": "constant",
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "eval_strategy": "no",
-            "report_to": ["none"],
-            "dataloader_num_workers": 0,
-            "seed": 42,
-        },
-        "rlhf": {"rlhf_type": "gkd", "lmbda": 0.0, "max_completion_length": 12, **rlhf},
-    }
+    """The pair's config, 24 steps at 2e-2, with `teacher` as the local `teacher_model` when given
+    (what `kdcompose teacher-cache` runs)."""
+    return text_pair_sections(out, rlhf, teacher=teacher, samples=SAMPLES, steps=STEPS, learning_rate=2e-2)
 
 
 def write(path: Path, data: dict) -> Path:

@@ -22,11 +22,12 @@ import pytest
 import torch
 import yaml
 from swift_support import fresh, prepared_inputs
+from text_pair_config import text_pair_sections
 
 from kdcompose import parse_config
 from kdcompose.errors import ConfigError
 from kdcompose.testing import build_caption_dataset
-from kdcompose.testing.tokenizer_pair import build_tiny_text_model, build_trained_text_model, swift_model_args
+from kdcompose.testing.tokenizer_pair import build_tiny_text_model, build_trained_text_model
 
 pytestmark = [
     pytest.mark.swift,
@@ -48,50 +49,17 @@ def config(
     teacher_role: str = "teacher",
     **rlhf: Any,
 ) -> dict:
-    """A sectioned kdcompose config: the tiny student, `teacher` (a model folder of the pair's
-    `teacher_role`), the text caption data."""
-    student = swift_model_args("student", build_tiny_text_model("student"))
-    taught = swift_model_args(teacher_role, teacher)
-    return {
-        "model": {
-            "model": student["model"],
-            "model_type": student["model_type"],
-            "teacher_model": str(teacher),
-            "teacher_model_type": taught["model_type"],
-            "check_model": False,
-            "torch_dtype": "float32",
-        },
-        "template": {"template": student["template"], "max_length": 256},
-        "data": {
-            "dataset": [str(build_caption_dataset(n=16, seed=0, image=False))],
-            "split_dataset_ratio": 0.0,
-            "dataset_num_proc": 1,
-            "load_from_cache_file": False,
-        },
-        "tuner": {"tuner_type": "full"},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False,
-            "max_steps": STEPS,
-            "learning_rate": 5e-3,
-            "lr_scheduler_type": "constant",
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "eval_strategy": "no",
-            "report_to": ["none"],
-            "dataloader_num_workers": 0,
-            "seed": SEED,
-        },
-        "rlhf": {
-            "rlhf_type": "gkd",
-            "lmbda": lmbda,
-            "max_completion_length": 12,
-            "loss_terms": loss_terms,
-            **rlhf,
-        },
-    }
+    """The pair's config with `teacher` (a model folder of the pair's `teacher_role`) as the local
+    teacher, 16 steps at 5e-3."""
+    return text_pair_sections(
+        out,
+        {"lmbda": lmbda, "loss_terms": loss_terms, **rlhf},
+        teacher=teacher,
+        teacher_role=teacher_role,
+        steps=STEPS,
+        learning_rate=5e-3,
+        seed=SEED,
+    )
 
 
 @pytest.fixture(scope="module")

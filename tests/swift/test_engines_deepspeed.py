@@ -104,7 +104,7 @@ def test_deepspeed_with_use_cpu_is_refused(tmp_path):
 
 @pytest.mark.swift
 def test_skip_step_without_zero_is_refused_naming_the_term(tmp_path):
-    """ZeRO stage 0 has no overflow-skip path: refused at train start, before any step."""
+    """ZeRO stage 0 has no overflow-skip path: refused by the preflight, before any model loads."""
     config, out = _config(tmp_path, "zero0", deepspeed="zero0")
     result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -305,7 +305,8 @@ def test_two_ranks_match_one_process_with_global_tokens(two_ranks, steps):
 
 
 def test_two_processes_without_ddp_are_refused(data, tmp_path):
-    """On CPU, `ddp_backend: gloo` without `use_cpu: true` gives two unsynchronised models."""
+    """On CPU, `ddp_backend: gloo` without `use_cpu: true` gives two unsynchronised models: refused
+    by the launcher's preflight, before torchrun starts any rank (exit 2, naming the key)."""
     config = _sections(data, tmp_path / "out", "micro_batch", max_steps=1, ddp_backend="gloo")
     config["training"].pop("use_cpu")
     path = write_config(tmp_path / "no_ddp.yaml", config)
@@ -318,8 +319,9 @@ def test_two_processes_without_ddp_are_refused(data, tmp_path):
         timeout=600,
         check=False,
     )
-    assert result.returncode != 0
-    assert "training.use_cpu" in result.stderr and "did not set up distributed data parallel" in result.stderr
-    assert "loop.py" not in result.stderr  # a clean message per rank (torchrun adds its own summary)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "training.use_cpu" in result.stderr and "sets up no distributed data parallel" in result.stderr
+    assert "2 processes on a machine without GPUs" in result.stderr
+    assert "launching" not in result.stdout and "Traceback" not in result.stderr  # no rank started
     logs = list((tmp_path / "out").glob("**/logging.jsonl"))
     assert not (logs and train_rows(log_rows(tmp_path / "out")))  # refused before any training step

@@ -32,14 +32,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdcompose.compat.deepspeed_skip import SUPPORTED_STAGES
 from kdcompose.errors import ConfigIssue
+from kdcompose.nonfinite import SKIP_STEP
 from kdcompose.sharding import call_through_head, gathered_lm_head, is_sharded, zero3_partitioned
 
 __all__ = [
@@ -48,7 +52,10 @@ __all__ = [
     "gathered_lm_head",
     "is_sharded",
     "prepare_engine",
+    "process_issues",
+    "skip_step_issues",
     "zero3_partitioned",
+    "zero_stage_of",
 ]
 
 SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -85,6 +92,83 @@ def engine_issues(swift_args: Mapping[str, Any], paths: Mapping[str, str]) -> li
             )
         )
     return issues
+
+
+def zero_stage_of(value: Any) -> int | None:
+    """The ZeRO stage a `deepspeed` setting asks for: one of ms-swift's named configs (`zero0` ...
+    `zero3_offload`), a JSON file or a dict (0 when it names no stage); None when it cannot be read
+    here (the trainer checks the stage DeepSpeed actually got)."""
+    config: Any = value
+    if isinstance(value, str):
+        named = re.fullmatch(r"(?:default-)?zero(\d)(?:_offload)?", value.strip())
+        if named:
+            return int(named.group(1))
+        try:
+            config = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    if not isinstance(config, Mapping):
+        return None
+    try:
+        return int((config.get("zero_optimization") or {}).get("stage", 0))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def skip_step_issues(
+    swift_args: Mapping[str, Any], terms: Any, paths: Mapping[str, str]
+) -> list[ConfigIssue]:
+    """`on_nonfinite: skip_step` under DeepSpeed ZeRO stage 0 (no overflow-skip path to use): one
+    issue per active term that asks for it, before any model loads."""
+    if not deepspeed_requested(swift_args):
+        return []
+    stage = zero_stage_of(swift_args.get("deepspeed"))
+    if stage is None or stage in SUPPORTED_STAGES:
+        return []
+    key = paths.get("deepspeed", "training.deepspeed")
+    return [
+        ConfigIssue(
+            f"{term.origin}.on_nonfinite",
+            f"skip_step under DeepSpeed needs ZeRO stage 1, 2 or 3 (`{key}` asks for stage {stage}); "
+            "use a zero1/zero2/zero3 `deepspeed` config, or on_nonfinite: error",
+        )
+        for term in terms
+        if term.spec.on_nonfinite == SKIP_STEP
+    ]
+
+
+def launched_processes() -> int | None:
+    """How many processes the run trains on: `WORLD_SIZE` inside a launched worker, else what
+    `kdcompose train` will launch (`NPROC_PER_NODE` x `NNODES`, 1 when neither is set); None when
+    a launcher variable is not a number (torchrun's `auto` / `gpu`)."""
+    try:
+        if os.environ.get("WORLD_SIZE") is not None:
+            return int(os.environ["WORLD_SIZE"])
+        return int(os.environ.get("NPROC_PER_NODE", "1")) * int(os.environ.get("NNODES", "1"))
+    except ValueError:
+        return None
+
+
+def process_issues(swift_args: Mapping[str, Any], paths: Mapping[str, str]) -> list[ConfigIssue]:
+    """Several processes on a machine without GPUs and without `use_cpu: true`: transformers sets up
+    no data parallelism, so every rank would train its own copy (the trainer refuses it too, after
+    loading the models; this says it before). DeepSpeed and FSDP set up their own groups."""
+    processes = launched_processes()
+    if processes is None or processes <= 1 or _truthy(swift_args.get("use_cpu")):
+        return []
+    if deepspeed_requested(swift_args) or swift_args.get("fsdp") not in (None, "", False, []):
+        return []
+    if has_accelerator():
+        return []
+    return [
+        ConfigIssue(
+            paths.get("use_cpu", "training.use_cpu"),
+            f"{processes} processes on a machine without GPUs: without `use_cpu: true` transformers sets "
+            "up no distributed data parallel (`ddp_backend: gloo` alone is not enough), so every rank "
+            "would train its own copy of the model and log its own loss. Set `use_cpu: true` (with "
+            "`ddp_backend: gloo`), or launch on GPUs",
+        )
+    ]
 
 
 def _truthy(value: Any) -> bool:

@@ -68,12 +68,14 @@ def config_issues(config: Any) -> list[ConfigIssue]:
     from kdcompose.integrations.swift.launch.args import unknown_argument_issues
     from kdcompose.integrations.swift.launch.model_preflight import model_issues
     from kdcompose.teachers.sources import cache_issues
-    from kdcompose.training.engines import engine_issues
+    from kdcompose.training.engines import engine_issues, process_issues, skip_step_issues
 
     paths = dict(config.arg_paths)
     issues = unknown_argument_issues(config.swift_args, swift_argument_names(), paths)
     issues += setting_issues(config.swift_args, config.composer, paths, frozenset(config.teachers))
     issues += engine_issues(config.swift_args, paths)
+    issues += process_issues(config.swift_args, paths)
+    issues += skip_step_issues(config.swift_args, config.composer.active_terms, paths)
     issues += cache_issues(config.teachers, config.composer)
     issues += model_issues(config)
     return issues
