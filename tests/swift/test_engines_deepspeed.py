@@ -109,7 +109,7 @@ def test_skip_step_without_zero_is_refused_naming_the_term(tmp_path):
     result = run_command(kdcompose_command("train", str(config)), tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "rlhf.loss_terms.nan.on_nonfinite" in result.stderr and "ZeRO stage 1, 2 or 3" in result.stderr
-    assert "Traceback" not in result.stderr and not step_logs(out)
+    assert "Traceback" not in result.stderr and not list(out.glob("**/logging.jsonl"))  # no model loaded
 
 
 def test_engine_issues_only_for_deepspeed():

@@ -43,17 +43,39 @@ def test_fingerprint_follows_version_and_every_argument_file(tmp_path):
 @pytest.mark.swift
 def test_names_are_read_from_swift_once_then_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    names = arg_names.swift_argument_names()
-    assert names == arg_names.read_from_swift()
-    assert {"learning_rate", "teacher_model", "gkd_logits_topk"} <= names
+    arg_names.swift_arguments.cache_clear()  # one read per process: start this test's own
+    arguments = arg_names.swift_arguments()
+    assert arguments == arg_names.read_from_swift()
+    assert {"learning_rate", "teacher_model", "gkd_logits_topk"} <= arguments.names
+    assert {"dataset", "target_modules"} <= arguments.lists and "learning_rate" not in arguments.lists
 
     (cached,) = (tmp_path / arg_names.FOLDER).glob("*.json")
     assert cached.stem == arg_names.swift_fingerprint()
-    assert json.loads(cached.read_text()) == sorted(names)
+    assert json.loads(cached.read_text()) == {
+        "names": sorted(arguments.names),
+        "lists": sorted(arguments.lists),
+    }
 
-    cached.write_text(json.dumps([*sorted(names), "planted_name"]))  # the next call reads the file
+    planted = {"names": [*sorted(arguments.names), "planted_name"], "lists": sorted(arguments.lists)}
+    cached.write_text(json.dumps(planted))  # a new process reads the file
+    arg_names.swift_arguments.cache_clear()
     assert "planted_name" in arg_names.swift_argument_names()
 
-    cached.write_text("{not json")  # a damaged file is rebuilt from ms-swift
-    assert arg_names.swift_argument_names() == names
-    assert json.loads(cached.read_text()) == sorted(names)
+    for damaged in ("{not json", json.dumps(sorted(arguments.names)), json.dumps({"names": [], "lists": []})):
+        cached.write_text(damaged)  # unreadable, the 0.2 layout, empty: rebuilt from ms-swift
+        arg_names.swift_arguments.cache_clear()
+        assert arg_names.swift_arguments() == arguments
+        assert json.loads(cached.read_text())["names"] == sorted(arguments.names)
+    arg_names.swift_arguments.cache_clear()  # later tests read the real cache again
+
+
+def test_a_yaml_scalar_for_a_list_argument_becomes_a_list():
+    from kdcompose.integrations.swift.launch.args import coerce_to_lists
+
+    values = {"dataset": "a.jsonl", "target_modules": ["q", "k"], "learning_rate": 1e-4, "columns": None}
+    assert coerce_to_lists(values, {"dataset", "target_modules", "columns"}) == {
+        "dataset": ["a.jsonl"],
+        "target_modules": ["q", "k"],
+        "learning_rate": 1e-4,
+        "columns": None,
+    }

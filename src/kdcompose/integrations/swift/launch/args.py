@@ -14,7 +14,7 @@ import difflib
 import functools
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from kdcompose.errors import ConfigIssue
@@ -97,31 +97,27 @@ def missing_teacher_issue(
     )
 
 
-def _is_list_type(annotation: Any) -> bool:
+def is_list_type(annotation: Any) -> bool:
+    """Whether a dataclass field's annotation is a list (or tuple), optional or not."""
     if isinstance(annotation, str):
         return annotation.replace(" ", "").startswith(("List[", "list[", "Optional[List[", "Optional[list["))
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         return True
     if origin is typing.Union or origin is types.UnionType:
-        return any(_is_list_type(arg) for arg in typing.get_args(annotation))
+        return any(is_list_type(arg) for arg in typing.get_args(annotation))
     return False
 
 
-def coerce_to_fields(values: Mapping[str, Any], fields: Mapping[str, dataclasses.Field]) -> dict[str, Any]:
+def coerce_to_lists(values: Mapping[str, Any], list_arguments: Collection[str]) -> dict[str, Any]:
     """YAML scalars for list-typed arguments wrapped in a list (`dataset: a.jsonl` -> `['a.jsonl']`),
     as ms-swift's command-line parser would do; everything else as written."""
-    out = dict(values)
-    for key, value in values.items():
-        f = fields.get(key)
-        if (
-            f is not None
-            and value is not None
-            and not isinstance(value, (list, tuple))
-            and _is_list_type(f.type)
-        ):
-            out[key] = [value]
-    return out
+    return {
+        key: [value]
+        if key in list_arguments and value is not None and not isinstance(value, (list, tuple))
+        else value
+        for key, value in values.items()
+    }
 
 
 def teacher_terms(composer: Any, remote: frozenset[str] = frozenset()) -> list[str]:

@@ -29,11 +29,8 @@ from kdcompose.composer import LossComposer
 from kdcompose.config import KDConfig, load_config
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift import TRAINER_PATH
-from kdcompose.integrations.swift.launch.args import (
-    coerce_to_fields,
-    is_swift_teacher_server,
-    swift_argument_fields,
-)
+from kdcompose.integrations.swift.launch.arg_names import swift_list_arguments
+from kdcompose.integrations.swift.launch.args import coerce_to_lists, is_swift_teacher_server
 from kdcompose.integrations.swift.launch.preflight import check_config
 from kdcompose.integrations.swift.runtime import SwiftUnavailableError, prepare_swift_import
 from kdcompose.resolve import legacy_llm_kd_weight
@@ -53,7 +50,7 @@ def swift_kwargs(config: KDConfig) -> dict[str, Any]:
     """`RLHFArguments` keyword arguments for a config; ConfigError (every problem, with its
     dotted path) when ms-swift would reject it or kdcompose cannot honour it."""
     check_config(config)
-    kwargs = coerce_to_fields(config.swift_args, swift_argument_fields())
+    kwargs = coerce_to_lists(config.swift_args, swift_list_arguments())
     kwargs["rlhf_type"] = "gkd"
     return teacher_kwargs(config, kwargs)
 
