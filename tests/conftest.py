@@ -57,3 +57,22 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one worker per core, at most 4. Many tests start two or three processes of their
     own (torchrun ranks, a teacher server), so more workers than that only queue for the cores."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+LONGEST_FIRST = (
+    "test_preemption.py",
+    "test_engines_deepspeed.py",
+    "test_demo.py",
+    "test_teacher_sources_training.py",
+    "test_scale_out.py",
+    "test_engines_resume.py",
+    "test_cross_tokenizer_remote.py",
+)
+"""The files that take longest (measured, `--durations`), started first: with one file per worker
+(`--dist loadfile`) a long file started last would leave the other workers idle at the end.
+Only the order changes; every test still runs."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
