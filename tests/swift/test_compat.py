@@ -59,7 +59,7 @@ def test_trl_repeat_sampler_still_has_no_set_epoch_and_the_mixin_adds_it():
 
 def test_accelerate_skip_wrapper_still_does_not_forward_set_epoch():
     """A resumed epoch's sampler must start in that epoch (end to end, 2 ranks:
-    tests/test_engines_resume.py)."""
+    the DDP scenario of tests/swift/test_preemption.py)."""
     from accelerate.data_loader import SkipBatchSampler
 
     assert not hasattr(SkipBatchSampler, "set_epoch"), (

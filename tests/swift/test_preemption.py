@@ -11,7 +11,9 @@ One uninterrupted reference run, then one scenario per process layout, each a se
   checkpoint of the reached step); `--resume` trains to the end; `--resume` once more has nothing
   to do. `KDCOMPOSE_PREEMPTION_SOAK=N` adds N more random SIGKILL rounds.
 * two processes, DDP (gloo): SIGTERM to rank 1 only (a node of a multi-node job reclaimed), in the
-  middle of a step: both ranks agree to stop after that step; `--resume`.
+  middle of step 5, the first of the second epoch: both ranks agree to stop after that step;
+  `--resume` continues inside that epoch (the sampler must give step 6 the second epoch's order,
+  not replay the first's: the bug this caught gave step 4 of such a run epoch 1's batches).
 * two processes, DeepSpeed ZeRO-2: SIGTERM to every process of the job at once (what SLURM does:
   `kdcompose train`, torchrun and both workers) while a scheduled checkpoint is being written;
   `--resume`.
@@ -244,6 +246,8 @@ def reference(tmp) -> dict[int, dict[str, Any]]:
     return rows
 
 
+DDP_STOP = 5
+"""The step the DDP scenario stops after: the first of the second epoch (4 steps an epoch)."""
 KILL_ROOM = STEPS - 4
 """The newest complete checkpoint must stay at or below this step for the SIGTERM round after the kills
 (it stops at most 3 steps later, before the last step)."""
@@ -360,11 +364,18 @@ def _two_ranks(tmp: Path, name: str, hold: str, target: str, **extra: Any) -> di
 
 @pytest.fixture(scope="module")
 def ddp(tmp, reference) -> dict[str, Any]:
-    """SIGTERM to rank 1 alone while both ranks are inside step 3; no scheduled checkpoint
+    """SIGTERM to rank 1 alone while both ranks are inside step 5 (epoch 2); no scheduled checkpoint
     before it (`save_steps: 100`): the SIGTERM's is the only one. A rank that stopped alone would
     leave the other waiting in a collective: `ddp_timeout` bounds that failure."""
     return _two_ranks(
-        tmp, "ddp", "step:2", "rank1", use_cpu=True, ddp_backend="gloo", save_steps=100, ddp_timeout=300
+        tmp,
+        "ddp",
+        f"step:{DDP_STOP - 1}",
+        "rank1",
+        use_cpu=True,
+        ddp_backend="gloo",
+        save_steps=100,
+        ddp_timeout=300,
     )
 
 
@@ -480,7 +491,7 @@ def _assert_two_rank_stop(scenario: dict[str, Any], reference: dict, step: int) 
 
 
 def test_ddp_two_ranks_stop_on_sigterm_at_the_same_step_and_resume_exactly(ddp, reference):
-    _assert_two_rank_stop(ddp, reference, step=3)
+    _assert_two_rank_stop(ddp, reference, step=DDP_STOP)
 
 
 def test_zero2_two_ranks_stop_on_sigterm_at_the_same_step_and_resume_exactly(zero2, reference):
