@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -283,10 +283,14 @@ class _Demo:
         )
         return teacher, runs
 
-    def train(self, runs: list[Run]) -> dict[str, Path] | int:
+    def train(
+        self, runs: list[Run], on_finished: Callable[[str, Path], None] | None = None
+    ) -> dict[str, Path] | int:
         """`kdcompose train` on each run's config, side by side (one process and one core each:
         the runs are independent, so on two cores the pair takes as long as the slower one).
-        Returns each run's folder, or the exit code of the first run that failed."""
+        `on_finished(key, checkpoint)` is called as soon as a run has ended with its checkpoint,
+        while the other may still train. Returns each run's folder, or the exit code of the first
+        run that failed."""
         from tqdm.auto import tqdm
 
         from kdcompose.composer import build_composer
@@ -314,12 +318,19 @@ class _Demo:
                 for i, key in enumerate(started)
             }
             running = True
+            announced: set[str] = set()
             while running:
-                running = any(process.poll() is None for _, process, _ in started.values())
-                for key, (run, _, _) in started.items():
+                codes = [process.poll() for _, process, _ in started.values()]  # every one: sets returncode
+                running = any(code is None for code in codes)
+                for key, (run, process, _) in started.items():
                     done = _logged_step(run.output_dir) - bars[key].n
                     if done > 0:
                         bars[key].update(done)
+                    if on_finished is not None and key not in announced and process.returncode == 0:
+                        announced.add(key)
+                        checkpoint = _newest_checkpoint(_newest_run(run.output_dir) or run.output_dir)
+                        if checkpoint is not None:
+                            on_finished(key, checkpoint)
                 if running:
                     time.sleep(0.5)
             for bar in bars.values():
@@ -338,26 +349,6 @@ class _Demo:
                 return process.returncode or 1
             folders[key] = folder
         return folders
-
-    def evaluate(self, models: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-        """Score each model folder on the held-out pictures, one progress bar for all."""
-        from tqdm.auto import tqdm
-
-        from kdcompose.testing import build_processor
-        from kdcompose.testing.caption_task import TaskEncoder, TaskSpec, task_samples
-        from kdcompose.testing.evaluation import evaluate, load_model
-
-        held_out = task_samples(
-            TaskSpec(), HELD_OUT_QUICK if self.quick else HELD_OUT, DATA_SEEDS["held_out"]
-        )
-        encoder = TaskEncoder(build_processor(FAMILY), TaskSpec())
-        scores: dict[str, dict[str, Any]] = {}
-        total = len(held_out) * len(models)
-        with tqdm(total=total, desc="evaluate", unit="picture", file=self.stderr, dynamic_ncols=True) as bar:
-            for key, folder in models.items():
-                score, captions = evaluate(load_model(folder), encoder, held_out, progress=bar)
-                scores[key] = {**score.to_dict(), "model": str(folder), "example": captions[0]}
-        return scores
 
     def finish(self, scores: dict[str, dict[str, Any]], distilled_run: Path) -> None:
         from kdcompose.plot import PlotError, PlotUnavailableError, plot_run
@@ -398,6 +389,68 @@ class _Demo:
         print("\n".join(lines), file=self.stdout, flush=True)
 
 
+class _Scoring:
+    """Scores models on the held-out pictures in one background thread, in the order they are
+    handed in: the teacher and the student that finishes first are scored while the other student
+    still trains, on the core the finished run freed, so only the last student's scoring is left
+    when training ends. One torch thread for all scoring (`evaluate`), set before the thread
+    starts, so the scores do not depend on when a model was scored."""
+
+    def __init__(self, quick: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        torch.set_num_threads(1)
+        self.held_out_count = HELD_OUT_QUICK if quick else HELD_OUT
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcompose-demo-scoring")
+        self.futures: dict[str, Any] = {}
+        self.progress: Any = None
+        """A tqdm bar the scoring thread advances once it exists (shown when training has ended)."""
+        self.scored = 0
+        self._task: tuple[Any, Any] | None = None
+
+    def submit(self, key: str, model_dir: Path) -> None:
+        if key not in self.futures:
+            self.futures[key] = self.pool.submit(self._score, model_dir)
+
+    def results(self, keys: list[str], stderr: TextIO) -> dict[str, dict[str, Any]]:
+        """Every model's score, waiting for those still being scored (with a progress bar)."""
+        from tqdm.auto import tqdm
+
+        total = self.held_out_count * len(keys)
+        with tqdm(
+            total=total, initial=self.scored, desc="evaluate", unit="picture", file=stderr, dynamic_ncols=True
+        ) as bar:
+            self.progress = bar
+            try:
+                return {key: self.futures[key].result() for key in keys}
+            finally:
+                self.pool.shutdown(wait=True)
+
+    def _score(self, model_dir: Path) -> dict[str, Any]:
+        from kdcompose.testing.evaluation import evaluate, load_model
+
+        held_out, encoder = self._held_out()
+        score, captions = evaluate(load_model(model_dir), encoder, held_out, progress=self)
+        return {**score.to_dict(), "model": str(model_dir), "example": captions[0]}
+
+    def update(self, pictures: int) -> None:
+        """`evaluate`'s progress callback (tqdm's `update`)."""
+        self.scored += pictures
+        if self.progress is not None:
+            self.progress.update(pictures)
+
+    def _held_out(self) -> tuple[Any, Any]:
+        if self._task is None:
+            from kdcompose.testing import build_processor
+            from kdcompose.testing.caption_task import TaskEncoder, TaskSpec, task_samples
+
+            held_out = task_samples(TaskSpec(), self.held_out_count, DATA_SEEDS["held_out"])
+            self._task = held_out, TaskEncoder(build_processor(FAMILY), TaskSpec())
+        return self._task
+
+
 def run_demo(
     output_dir: str | os.PathLike[str] = DEFAULT_OUTPUT_DIR,
     steps: int = DEFAULT_STEPS,
@@ -422,16 +475,24 @@ def run_demo(
     output.mkdir(parents=True, exist_ok=True)
     demo = _Demo(output, steps, seed, quick, stdout, stderr)
     teacher, runs = demo.prepare()
-    run_dirs = demo.train(runs)
+    scoring = _Scoring(quick)
+
+    def score_when_done(key: str, checkpoint: Path) -> None:
+        scoring.submit("teacher", teacher)  # first: it waited for a free core
+        scoring.submit(key, checkpoint)
+
+    run_dirs = demo.train(runs, score_when_done)
     if isinstance(run_dirs, int):
+        scoring.pool.shutdown(wait=True, cancel_futures=True)
         return run_dirs
-    models = {"teacher": teacher}
+    scoring.submit("teacher", teacher)
     for key, run_dir in run_dirs.items():
         checkpoint = _newest_checkpoint(run_dir)
         if checkpoint is None:
             print(f"kdcompose demo: {run_dir} has no checkpoint to evaluate", file=stderr)
+            scoring.pool.shutdown(wait=True, cancel_futures=True)
             return 1
-        models[key] = checkpoint
+        scoring.submit(key, checkpoint)
     demo.say(f"scoring the teacher and {len(run_dirs)} student(s) on held-out pictures")
-    demo.finish(demo.evaluate(models), run_dirs["student_distilled"])
+    demo.finish(scoring.results(["teacher", *run_dirs], stderr), run_dirs["student_distilled"])
     return 0
