@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ BASE_ENV = {**os.environ, **tiny_run_env()}
 """The environment the server starts with (the session's at import, offline hub), whatever a test
 has changed by the time the first command runs; each command gets its own."""
 _server: subprocess.Popen | None = None
+_one_at_a_time = threading.Lock()
+"""The server runs one command at a time; callers in several threads take turns."""
 _pending = bytearray()
 """Bytes read from the server after the last complete answer line."""
 
@@ -84,9 +87,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run `kdcompose ARGV` in a forked process; the result as `subprocess.run` gives it (text
     output; `TimeoutExpired` after `timeout` s, the process killed)."""
-    server = _start_server()
-    assert server.stdin is not None
-    with tempfile.TemporaryDirectory(prefix="kdcompose-forked-") as folder:
+    with _one_at_a_time, tempfile.TemporaryDirectory(prefix="kdcompose-forked-") as folder:
+        server = _start_server()
+        assert server.stdin is not None
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         request = {"argv": list(argv), "env": dict(env), "cwd": str(cwd) if cwd else None}
         server.stdin.write((json.dumps({**request, "out": str(out), "err": str(err)}) + "\n").encode())
@@ -112,6 +115,8 @@ def _child(request: dict) -> None:
         handle = os.open(path, flags, 0o644)
         os.dup2(handle, fd)
         os.close(handle)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a process a shell starts
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(request["env"])
     if request["cwd"]:
