@@ -11,8 +11,8 @@ list, as ms-swift's command line does). Both change only when ms-swift's argumen
 change, so they are kept in a small JSON file under the kdcompose cache folder
 (`$KDCOMPOSE_CACHE`, else `~/.cache/kdcompose`), keyed by a fingerprint of the installed
 ms-swift: its version and the size and modification time of every file of its `swift/arguments`
-package. An upgrade, a downgrade or an edit of an
-editable install changes the fingerprint, and the names are read from ms-swift again.
+package. An upgrade, a downgrade or an edit of an editable install changes the fingerprint, and
+the names are read from ms-swift again.
 
 Reading the cache never trusts a file it cannot parse (it is rebuilt); a cache folder that
 cannot be written costs the import on every call, nothing else.
