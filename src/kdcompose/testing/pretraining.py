@@ -63,7 +63,14 @@ from typing import Any, TextIO
 
 from kdcompose.testing._cache import atomic_build, cache_root, content_key, is_complete, read_manifest
 from kdcompose.testing.caption_task import TaskEncoder, TaskSpec, model_inputs, task_samples
-from kdcompose.testing.tiny_models import TinySpec, _versions, build_config, spec_key, tiny_spec
+from kdcompose.testing.tiny_models import (
+    TinySpec,
+    _versions,
+    build_config,
+    save_greedy_model,
+    spec_key,
+    tiny_spec,
+)
 from kdcompose.testing.tokenizer import (
     COLORS,
     FIRST_SPECIAL_ID,
@@ -333,18 +340,7 @@ def derive_student(teacher_dir: Path, recipe: StudentRecipe, out: Path) -> None:
 
 
 def _save(model: Any, processor: Any, out: Path, record: Mapping[str, Any]) -> None:
-    from transformers import GenerationConfig
-
-    from kdcompose.testing.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
-
-    model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=PAD_TOKEN_ID,
-        eos_token_id=[EOS_TOKEN_ID, PAD_TOKEN_ID],
-        pad_token_id=PAD_TOKEN_ID,
-        do_sample=False,
-    )
-    model.save_pretrained(out, safe_serialization=True)
+    save_greedy_model(model, out)
     processor.save_pretrained(out)
     (out / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
 

@@ -341,16 +341,11 @@ def _versions() -> dict[str, str]:
     return {name: version(name).split("+")[0] for name in ("torch", "transformers", "tokenizers")}
 
 
-def _write_model(spec: TinySpec, out: Path) -> None:
-    import torch
+def save_greedy_model(model: Any, out: Path) -> None:
+    """Save a tiny model of the test tokenizer in eval mode, with greedy generation that stops at
+    EOS or PAD (what every model built here, random or trained, is saved with)."""
     from transformers import GenerationConfig
 
-    config = build_config(spec)
-    with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG state alone
-        # Distinct streams per role: with one seed, same-shaped vision towers would start identical
-        # and vision-feature KD would begin at exactly zero.
-        torch.manual_seed(2 * spec.seed + (1 if spec.role == "teacher" else 0))
-        model = _model_class(spec.family)(config)
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=PAD_TOKEN_ID,
@@ -359,6 +354,18 @@ def _write_model(spec: TinySpec, out: Path) -> None:
         do_sample=False,
     )
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _write_model(spec: TinySpec, out: Path) -> None:
+    import torch
+
+    config = build_config(spec)
+    with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG state alone
+        # Distinct streams per role: with one seed, same-shaped vision towers would start identical
+        # and vision-feature KD would begin at exactly zero.
+        torch.manual_seed(2 * spec.seed + (1 if spec.role == "teacher" else 0))
+        model = _model_class(spec.family)(config)
+    save_greedy_model(model, out)
     build_processor(spec.family).save_pretrained(out)
 
 
