@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from model_standins import REAL_CONFIGS, hub_cache
 
 from kdcompose.model_files import (
     ModelFileError,
@@ -15,7 +16,6 @@ from kdcompose.model_files import (
     tap_width,
     tokenizer_size,
 )
-from model_standins import REAL_CONFIGS, hub_cache
 
 QWEN25_3B = model_shape(REAL_CONFIGS["Qwen/Qwen2.5-VL-3B-Instruct"])
 QWEN25_7B = model_shape(REAL_CONFIGS["Qwen/Qwen2.5-VL-7B-Instruct"])

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import config_error, config_from
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from helpers import config_error, config_from
 from kdcompose.schema.types import Bool
 
 SWITCHES: dict[str, Any] = {

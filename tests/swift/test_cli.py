@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forked_cli
 import pytest
 
 pytestmark = pytest.mark.swift
@@ -16,9 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    """`kdcompose ARGS` in a process of its own (`tests/support/forked_cli.py`); the installed
+    console script itself: `test_console_script_is_installed`."""
+    return forked_cli.run_cli(list(args), dict(os.environ), timeout=120)
 
 
 def write(tmp_path: Path, text: str) -> str:

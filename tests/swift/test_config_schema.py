@@ -10,10 +10,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from test_docs_yaml import BLOCKS  # the docs' YAML examples, as that module finds them
 
 from kdcompose.json_schema import config_json_schema
 from kdcompose.registry import registered_terms, unregister_term
-from test_docs_yaml import BLOCKS  # the docs' YAML examples, as that module finds them
 
 pytestmark = pytest.mark.swift
 

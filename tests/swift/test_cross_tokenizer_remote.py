@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from forked_cli import ForkedServerProcess
 from swift_support import kdcompose_command, run_command, step_logs, subprocess_env, train_as_user
 from text_pair_config import text_pair_sections
 
@@ -110,7 +111,7 @@ def cached_run(tmp: Path, cache: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp: Path, teacher_dir: Path):
-    with ServerProcess(
+    with ForkedServerProcess(
         model=str(teacher_dir),
         model_type="llama",
         template="llama3",

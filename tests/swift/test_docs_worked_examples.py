@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 import yaml
-
-from kdcompose.testing import build_caption_dataset, build_tiny_pair
 from model_standins import hub_cache, hub_env, standin_hub
 from swift_support import subprocess_env
 from test_docs_yaml import BLOCKS, _registered_from
+
+from kdcompose.testing import build_caption_dataset, build_tiny_pair
 
 pytestmark = pytest.mark.swift
 

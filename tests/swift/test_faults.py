@@ -11,17 +11,17 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import start_cli
 from loop_support import log_rows, step_of, train_rows
 from nan_probe import TYPE as NAN_PROBE
 from nan_probe import registered
-from swift_support import kdcompose_command, sections, subprocess_env, write_config
+from swift_support import sections, subprocess_env, write_config
 from transformers import TrainerCallback
 
 from kdcompose import build_composer, parse_config
@@ -137,29 +137,24 @@ def test_sigint_to_kdcompose_train_exits_cleanly_with_a_message(tmp_path):
     """A real `kdcompose train` process gets SIGINT (what Ctrl-C sends) while it trains."""
     config = write_config(tmp_path / "cfg.yaml", _sections(tmp_path / "out", max_steps=500))
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(
-            kdcompose_command("train", str(config)),
-            stdout=out,
-            stderr=err,
-            env=subprocess_env(tmp_path),
-            # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it:
-            # the child gets Ctrl-C as a terminal user's process would, however pytest was started
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        try:
-            deadline = time.monotonic() + 300
-            while not _logged_steps(tmp_path / "out") >= 2:
-                assert process.poll() is None, stderr.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run did not start training in time"
-                time.sleep(0.5)
-            os.kill(process.pid, signal.SIGINT)
-            sent = time.monotonic()
-            code = process.wait(timeout=120)
-            took = time.monotonic() - sent
-        finally:
-            if process.poll() is None:
-                process.kill()
+    stdout.touch()
+    stderr.touch()
+    # forked (tests/support/forked_cli.py): SIGINT handled as Python does in a terminal, however
+    # pytest was started (a shell's background job would start it with SIGINT ignored)
+    process = start_cli(["train", str(config)], subprocess_env(tmp_path), stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300
+        while not _logged_steps(tmp_path / "out") >= 2:
+            assert process.poll() is None, stderr.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not start training in time"
+            time.sleep(0.5)
+        os.kill(process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        code = process.wait(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
     text = stderr.read_text()
     assert code == 130, text[-3000:]
     assert "kdcompose train: interrupted (Ctrl-C)" in text

@@ -1,14 +1,17 @@
 """The tests' forked `kdcompose` commands (`tests/support/forked_cli.py`) behave as a fresh
 `python -m kdcompose.cli` does: exit status, both output streams, the environment and working
-directory they are given (not the server's), and a bounded wait."""
+directory they are given (not the server's), a process group (or session) of their own, several at
+once, and a bounded wait that leaves no process of the command behind."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 
+import psutil
 import pytest
-from forked_cli import run_cli
+from forked_cli import run_cli, start_cli
 
 import kdcompose
 
@@ -24,6 +27,13 @@ def test_exit_status_output_and_working_directory_are_the_commands(tmp_path):
     bad = run_cli(["validate", "bad.yaml"], env, cwd=tmp_path)  # relative: found in `cwd`
     assert bad.returncode == 2 and "rlhf.loss_terms.ce.weight" in bad.stderr, bad.stderr
     assert bad.stdout == ""
+
+    started = start_cli(["validate", "nope.yaml"], env, stdout=tmp_path / "out", stderr=tmp_path / "err")
+    deadline = time.monotonic() + 60
+    while started.poll() is None:  # `poll` alone sees it end, as `Popen.poll` does
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert started.returncode == 2 and "nope.yaml" in (tmp_path / "err").read_text()
 
 
 def test_each_command_sees_the_environment_it_is_given_and_nothing_else(tmp_path):
@@ -41,7 +51,55 @@ def test_each_command_sees_the_environment_it_is_given_and_nothing_else(tmp_path
     assert seen == ["SEEN first", "SEEN second", "SEEN None"]
 
 
-def test_a_command_past_its_timeout_is_killed():
+def _blocking_config(tmp_path, gate):
+    """A config whose plug-in waits until the file `gate` exists (`validate` imports it first)."""
+    plugin = tmp_path / "wait_for_gate.py"
+    plugin.write_text(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+        "    time.sleep(0.02)\nprint('GATE OPEN')\n"
+    )
+    rlhf = "rlhf: {llm_kd_weight: 0, loss_terms: {ce: {}}}"  # valid without a teacher
+    (tmp_path / "cfg.yaml").write_text(f"plugins: [{plugin}]\n{rlhf}\n")
+    return tmp_path / "cfg.yaml"
+
+
+def test_commands_run_at_once_each_in_a_group_or_session_of_its_own(tmp_path):
+    gate = tmp_path / "gate"
+    config = _blocking_config(tmp_path, gate)
+    env = dict(os.environ)
+    waiting = start_cli(["validate", str(config)], env, stdout=tmp_path / "a.out", stderr=tmp_path / "a.err")
+    own_session = start_cli(
+        ["validate", str(config)], env, stdout=tmp_path / "b.out", stderr=tmp_path / "b.err", new_session=True
+    )
+    try:
+        assert os.getpgid(waiting.pid) == waiting.pid and os.getsid(waiting.pid) != waiting.pid
+        assert os.getsid(own_session.pid) == own_session.pid
+        assert run_cli(["--version"], env).returncode == 0  # served while the other two wait
+        assert waiting.poll() is None and own_session.poll() is None
+    finally:
+        gate.write_text("open")
+    assert waiting.wait(60) == 0 and own_session.wait(60) == 0
+    for name in ("a.out", "b.out"):
+        assert "GATE OPEN" in (tmp_path / name).read_text()
+
+
+def test_a_command_past_its_timeout_is_killed_with_what_it_started(tmp_path):
+    """`kdcompose demo` starts two `kdcompose train` processes: the timeout ends them too."""
     with pytest.raises(subprocess.TimeoutExpired):
-        run_cli(["demo", "--output-dir", os.devnull + "-never"], dict(os.environ), timeout=0.5)
+        run_cli(["demo", "--output-dir", str(tmp_path / "demo")], dict(os.environ), timeout=0.5)
+    started = start_cli(
+        ["demo", "--output-dir", str(tmp_path / "demo2")],
+        dict(os.environ),
+        stdout=tmp_path / "out",
+        stderr=tmp_path / "err",
+    )
+    deadline = time.monotonic() + 120
+    while len(psutil.Process(started.pid).children()) < 2:
+        assert started.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+        time.sleep(0.05)
+    children = psutil.Process(started.pid).children()
+    started.kill_group()
+    assert started.wait(60) == -9
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive
     assert run_cli(["--version"], dict(os.environ)).returncode == 0  # the server serves on

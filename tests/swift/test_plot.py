@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from forked_cli import run_cli
 
 from kdcompose.plot import LOG_FILE, classify, load_plot_data, read_rows
 from kdcompose.schedules import ScheduleSpec, multiplier
@@ -26,9 +26,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """The command as a user runs it (a real process)."""
-    command = [sys.executable, "-m", "kdcompose.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    """The command as a user runs it (a process of its own: `tests/support/forked_cli.py`)."""
+    return run_cli(list(args), os.environ if env is None else env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from io import StringIO
@@ -45,9 +44,9 @@ from typing import Any
 
 import psutil
 import pytest
+from forked_cli import start_cli
 from swift_support import (
     LAUNCHER_ENV,
-    kdcompose_command,
     sections,
     subprocess_env,
     train_as_user,
@@ -116,7 +115,8 @@ def _config(
 
 
 class Train:
-    """One `kdcompose train` process, started as a user's shell would, in a session of its own."""
+    """One `kdcompose train` process, started as a user's shell would, in a session of its own
+    (forked from a process that imported ms-swift already: `tests/support/forked_cli.py`)."""
 
     def __init__(
         self,
@@ -136,9 +136,10 @@ class Train:
         if nproc:
             env["NPROC_PER_NODE"] = str(nproc)
         self.stdout, self.stderr = tmp / f"{self.name}.out", tmp / f"{self.name}.err"
-        command = kdcompose_command("train", str(config), *(["--resume"] if resume else []))
-        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True)
+        self.stdout.touch()
+        self.stderr.touch()
+        argv = ["train", str(config), *(["--resume"] if resume else [])]
+        self.process = start_cli(argv, env, stdout=self.stdout, stderr=self.stderr, new_session=True)
         self.tree: list[psutil.Process] = []
 
     @property

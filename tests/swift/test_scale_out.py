@@ -26,13 +26,13 @@ import copy
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import run_cli
 from loop_support import image_rows, log_rows, train_rows, uneven_rows, write_rows
-from swift_support import kdcompose_command, sections, subprocess_env, write_config
+from swift_support import sections, subprocess_env, write_config
 
 from kdcompose import build_composer, parse_config
 
@@ -215,14 +215,7 @@ def two_ranks(data):
         "MASTER_PORT": str(random.Random(os.getpid()).randrange(20000, 40000)),
         "KDCOMPOSE_PROBE_DIR": str(probe),
     }
-    result = subprocess.run(
-        kdcompose_command("train", str(path)),
-        env={**subprocess_env(data), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_cli(["train", str(path)], {**subprocess_env(data), **env})
     assert result.returncode == 0, result.stderr[-4000:]
     events = {
         rank: [json.loads(line) for line in (probe / f"rank{rank}.jsonl").read_text().splitlines()]
@@ -311,14 +304,7 @@ def test_two_processes_without_ddp_are_refused(data, tmp_path):
     config["training"].pop("use_cpu")
     path = write_config(tmp_path / "no_ddp.yaml", config)
     env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(random.Random(os.getpid() + 1).randrange(20000, 40000))}
-    result = subprocess.run(
-        kdcompose_command("train", str(path)),
-        env={**subprocess_env(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_cli(["train", str(path)], {**subprocess_env(tmp_path), **env})
     assert result.returncode == 2, result.stderr[-3000:]
     assert "training.use_cpu" in result.stderr and "sets up no distributed data parallel" in result.stderr
     assert "2 processes on a machine without GPUs" in result.stderr

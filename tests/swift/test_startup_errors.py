@@ -9,11 +9,11 @@ passes every file check but cannot be loaded (a truncated weights file).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
+from forked_cli import run_cli
+from swift_support import sections, subprocess_env
 
 from kdcompose.errors import ConfigError
 from kdcompose.integrations.swift.launch.startup_errors import (
@@ -21,7 +21,6 @@ from kdcompose.integrations.swift.launch.startup_errors import (
     startup_errors_as_config_errors,
     startup_issue,
 )
-from swift_support import sections, subprocess_env
 
 pytestmark = pytest.mark.swift
 
@@ -88,13 +87,7 @@ def test_train_names_the_teacher_whose_weights_ms_swift_cannot_load(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {k: v for k, v in subprocess_env(tmp_path).items() if k != DEBUG_ENV}
-    result = subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", "train", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli(["train", str(config)], env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("  - model.teacher_model:"))

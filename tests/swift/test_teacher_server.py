@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import requests
+from forked_cli import ForkedServerProcess
 from swift_support import subprocess_env
 
 from kdcompose.compat.swift_teacher_client import install_vllm_free_teacher_client
@@ -60,7 +61,7 @@ def server(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
     extra = ["--api-key", KEY, "--max-logprobs", str(MAX_LOGPROBS), "--max-requests", str(MAX_REQUESTS)]
     extra += ["--max-body-bytes", str(2**20), "--max-tokens-per-request", "4096", "--torch-dtype", "float32"]
     assert SWIFT_TEMPLATE["qwen2_vl"] == SWIFT_MODEL_TYPE["qwen2_vl"] == "qwen2_vl"
-    with ServerProcess(
+    with ForkedServerProcess(
         model=tiny["teacher_model"], model_type="qwen2_vl", template=None, extra_args=extra, env=env
     ) as proc:
         yield proc
@@ -148,7 +149,7 @@ def test_health_is_503_while_loading_then_200(server: ServerProcess) -> None:
 def test_a_teacher_that_cannot_load_exits_non_zero_with_the_reason(
     tiny: dict[str, Any], tmp_path: Path, model: str | None, model_type: str, reason: str
 ) -> None:
-    process = ServerProcess(
+    process = ForkedServerProcess(
         model=model or tiny["teacher_model"],
         model_type=model_type,
         env=subprocess_env(tmp_path),

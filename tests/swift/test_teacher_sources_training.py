@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forked_cli import ForkedServerProcess, run_cli
 from swift_support import (
     kdcompose_command,
     run_command,
@@ -19,7 +20,7 @@ from swift_support import (
     write_config,
 )
 
-from kdcompose.serve.process import ServerProcess, free_port
+from kdcompose.serve.process import free_port
 from kdcompose.testing import SWIFT_MODEL_TYPE, SWIFT_TEMPLATE
 
 TOL = 1e-5
@@ -37,16 +38,7 @@ def _train(tmp: Path, name: str, rlhf: dict, drop: tuple[str, ...] = (), env: di
 
 
 def _run(config: Path, tmp: Path, env: dict):
-    import subprocess
-
-    return subprocess.run(
-        kdcompose_command("train", str(config)),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_cli(["train", str(config)], env)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def cache_dir(tmp: Path, live) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp: Path):
     teacher = sections(tmp / "unused")["model"]["teacher_model"]
-    with ServerProcess(
+    with ForkedServerProcess(
         model=teacher,
         model_type=SWIFT_MODEL_TYPE["qwen2_vl"],
         template=SWIFT_TEMPLATE["qwen2_vl"],

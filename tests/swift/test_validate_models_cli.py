@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from model_standins import hub_env, standin_hub
 
 from kdcompose.testing import build_tiny_pair, tiny_run_env
-from model_standins import hub_env, standin_hub
 
 pytestmark = pytest.mark.swift
 

@@ -5,6 +5,7 @@ A real process on 127.0.0.1: the same command a user types, so what is tested is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ServerProcess", "free_port"]
 
@@ -52,7 +54,7 @@ class ServerProcess:
             self.args += ["--template", template]
         self.env = dict(env if env is not None else os.environ)
         self.ready_timeout_s = ready_timeout_s
-        self.proc: subprocess.Popen | None = None
+        self.proc: Any = None  # subprocess.Popen, or what a subclass's `_launch` returns
         self.health_statuses: list[int] = []
         self.log_path = Path(tempfile.mkstemp(prefix="kdcompose-teacher-server-", suffix=".log")[1])
 
@@ -62,8 +64,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         import requests
 
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = self._launch()
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,6 +80,13 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"teacher server not ready after {self.ready_timeout_s:g} s:\n{self.log_tail()}")
 
+    def _launch(self) -> subprocess.Popen:
+        """Start `self.args` with `self.env`, output to `log_path`. A subclass may start the same
+        command another way (the test suite forks it from a process that imported ms-swift once);
+        what it returns needs `pid`, `returncode`, `poll`, `wait`, `kill` and `terminate`."""
+        with open(self.log_path, "wb") as log:
+            return subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
     def pause(self) -> None:
         """SIGSTOP: the socket still accepts connections but nothing answers (a stalled server)."""
         assert self.proc is not None
@@ -86,7 +94,8 @@ class ServerProcess:
 
     def resume(self) -> None:
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile: nothing to resume
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL, as a crashed node would go."""
