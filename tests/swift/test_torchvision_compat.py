@@ -170,42 +170,54 @@ def test_lazy_import_hook_runs_only_on_torchvision_import(ops_loadable: bool | N
     assert res == {"installed": [True, True], "n": 1, "torch_before": False, "after": 0, "status": status}
 
 
+FAKE_TORCHVISION_SOURCE = textwrap.dedent(
+    """
+    #include <torch/library.h>
+    #include <ATen/ATen.h>
+    at::Tensor nms_cpu(const at::Tensor& dets, const at::Tensor& scores, double) {
+      return at::arange(dets.size(0), dets.options().dtype(at::kLong));
+    }
+    TORCH_LIBRARY(torchvision, m) {
+      m.def("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
+      m.def("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
+    }
+    TORCH_LIBRARY_IMPL(torchvision, CPU, m) { m.impl("nms", nms_cpu); }
+    """
+)
+
+
 def _compile_fake_torchvision(root: Path) -> bool:
-    """Build a stand-in ``torchvision`` whose ``_C`` really loads and registers nms with a CPU kernel."""
+    """Build a stand-in ``torchvision`` whose ``_C`` really loads and registers nms with a CPU kernel.
+    The compiled library (10 s of g++) is cached under ``$KDCOMPOSE_CACHE``, keyed by the source,
+    the compiler and torch's version."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return False
+    import torch
     from torch.utils.cpp_extension import include_paths, library_paths
 
+    from kdcompose.testing._cache import atomic_build, cache_root, content_key
+
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    libdir = library_paths()[0]
+    description = {"source": FAKE_TORCHVISION_SOURCE, "cxx": cxx, "torch": torch.__version__, "lib": libdir}
+    key = content_key(description)
+
+    def build(tmp: Path, _final: Path) -> None:
+        src = tmp / "fake.cpp"
+        src.write_text(FAKE_TORCHVISION_SOURCE)
+        cmd = [cxx, "-O0", "-shared", "-fPIC", "-std=c++20", "-w", str(src)]
+        cmd += [f"-I{p}" for p in include_paths()]
+        cmd += ["-o", str(tmp / f"_C{suffix}"), f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+
+    built = atomic_build(cache_root() / "test-builds" / f"fake-torchvision-{key}", key, build, description)
     pkg = root / "torchvision"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
-        "import torch, os\ntorch.ops.load_library(os.path.join(os.path.dirname(__file__), "
-        f"'_C{sysconfig.get_config_var('EXT_SUFFIX')}'))\n"
+        f"import torch, os\ntorch.ops.load_library(os.path.join(os.path.dirname(__file__), '_C{suffix}'))\n"
     )
-    src = root / "fake.cpp"
-    src.write_text(
-        textwrap.dedent(
-            """
-            #include <torch/library.h>
-            #include <ATen/ATen.h>
-            at::Tensor nms_cpu(const at::Tensor& dets, const at::Tensor& scores, double) {
-              return at::arange(dets.size(0), dets.options().dtype(at::kLong));
-            }
-            TORCH_LIBRARY(torchvision, m) {
-              m.def("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
-              m.def("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
-            }
-            TORCH_LIBRARY_IMPL(torchvision, CPU, m) { m.impl("nms", nms_cpu); }
-            """
-        )
-    )
-    libdir = library_paths()[0]
-    cmd = [cxx, "-O0", "-shared", "-fPIC", "-std=c++20", "-w", str(src)]
-    cmd += [f"-I{p}" for p in include_paths()]
-    cmd += ["-o", str(pkg / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"), f"-L{libdir}"]
-    cmd += ["-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    shutil.copyfile(built / f"_C{suffix}", pkg / f"_C{suffix}")
     return True
 
 
