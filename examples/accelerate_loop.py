@@ -30,12 +30,13 @@ def main(steps: int = 20, batch_size: int = 2, seed: int = 0) -> list[dict[str, 
     os.environ.update(tiny_run_env())
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(seed)
-    student, teacher, processor = load_models()
+    student, teacher, processor, teacher_tokenizer = load_models()
     teacher.to(accelerator.device)
     rows = load_rows(build_caption_dataset(n=16, seed=seed, image=True))
     shard = rows[accelerator.process_index :: accelerator.num_processes]
     history: list[dict[str, float]] = []
-    with Distiller(parse_config(KD_CONFIG), student, teacher, vocab_size=len(processor.tokenizer)) as kd:
+    tokenizers = {"tokenizer": processor.tokenizer, "teacher_tokenizer": teacher_tokenizer}
+    with Distiller(parse_config(KD_CONFIG), student, teacher, **tokenizers) as kd:
         optimizer = torch.optim.AdamW([*student.parameters(), *kd.parameters()], lr=1e-3)
         student, optimizer = accelerator.prepare(student, optimizer)
         kd.student = student  # the prepared model runs the forward (DDP syncs its gradients)

@@ -53,9 +53,9 @@ PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe 
 ANSWER = "<|im_start|>assistant\n{caption}<|im_end|>"
 
 
-def load_models() -> tuple[Any, Any, Any]:
-    """The tiny Qwen2-VL student and teacher (random weights, built once and cached) and the
-    processor that encodes their inputs."""
+def load_models() -> tuple[Any, Any, Any, Any]:
+    """The tiny Qwen2-VL student and teacher (random weights, built once and cached), the
+    processor that encodes their inputs and the teacher's own tokenizer."""
     ensure_torchvision_importable()
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -63,7 +63,8 @@ def load_models() -> tuple[Any, Any, Any]:
     student = Qwen2VLForConditionalGeneration.from_pretrained(student_dir, dtype=torch.float32)
     teacher = Qwen2VLForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(student_dir)
-    return student, teacher.eval().requires_grad_(False), processor
+    teacher_tokenizer = AutoProcessor.from_pretrained(teacher_dir).tokenizer
+    return student, teacher.eval().requires_grad_(False), processor, teacher_tokenizer
 
 
 def encode(processor: Any, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -88,10 +89,13 @@ def main(steps: int = 30, batch_size: int = 2, seed: int = 0) -> list[dict[str, 
     """Train `steps` optimizer steps; returns each step's logged metrics."""
     os.environ.update(tiny_run_env())
     torch.manual_seed(seed)
-    student, teacher, processor = load_models()
+    student, teacher, processor, teacher_tokenizer = load_models()
     rows = load_rows(build_caption_dataset(n=16, seed=seed, image=True))
     history: list[dict[str, float]] = []
-    with Distiller(parse_config(KD_CONFIG), student, teacher, vocab_size=len(processor.tokenizer)) as kd:
+    # the tokenizers: the Distiller checks that the two models share one (the LM-head term compares
+    # their distributions id by id) and takes the vocabulary size from the student's
+    tokenizers = {"tokenizer": processor.tokenizer, "teacher_tokenizer": teacher_tokenizer}
+    with Distiller(parse_config(KD_CONFIG), student, teacher, **tokenizers) as kd:
         print(kd.formula())
         optimizer = torch.optim.AdamW([*student.parameters(), *kd.parameters()], lr=1e-3)
         student.train()

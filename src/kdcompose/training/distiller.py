@@ -50,6 +50,7 @@ from kdcompose.resolve import GKD_KNOB_NAMES
 from kdcompose.training import projectors as _projectors
 from kdcompose.training.attachments import ModelAttachments
 from kdcompose.training.context import ForwardCapture, build_context, has_images
+from kdcompose.training.shared_tokenizer import tokenizer_issues
 from kdcompose.training.vision_only import encode_vision_only
 
 SOURCE = "kdcompose.Distiller"
@@ -71,6 +72,9 @@ class Distiller:
     `config` is a loaded `KDConfig`, a parsed YAML document (mapping), a resolved `Composition`
     or a built `LossComposer`. `teacher` may be None when no active term needs one. `vocab_size`
     (the tokenizer's length) lets LM terms align logits whose widths differ only by padding.
+    `tokenizer` and `teacher_tokenizer` (Hugging Face fast tokenizers): the teacher is given the
+    student's token ids, so with both given, a teacher whose tokenizer differs is refused before
+    training (`kdcompose.training.shared_tokenizer`); `tokenizer` alone gives `vocab_size`.
     Build it before wrapping the models (DDP, Accelerate): it hooks modules by name and reads the
     LM heads. Raises `ConfigError` (naming the YAML key) for anything the models rule out.
     """
@@ -82,11 +86,16 @@ class Distiller:
         teacher: nn.Module | None = None,
         *,
         vocab_size: int | None = None,
+        tokenizer: Any | None = None,
+        teacher_tokenizer: Any | None = None,
     ) -> None:
         self.composer = _composer_of(config)
         self.student, self.teacher = student, teacher
-        self.vocab_size = vocab_size
+        self.vocab_size = len(tokenizer) if vocab_size is None and tokenizer is not None else vocab_size
         self._check_teacher()
+        issues = tokenizer_issues(self.composer, tokenizer, teacher_tokenizer, logger.info)
+        if issues:
+            raise ConfigError(issues, source=SOURCE)
         self.projectors = nn.ModuleDict()
         self.attachments = ModelAttachments(
             self.composer, student, teacher, vocab_size=vocab_size, log=logger.info, attach=self._attach
@@ -107,6 +116,8 @@ class Distiller:
         student: nn.Module,
         teacher: nn.Module | None = None,
         vocab_size: int | None = None,
+        tokenizer: Any | None = None,
+        teacher_tokenizer: Any | None = None,
     ) -> Distiller:
         """The composition of a kdcompose YAML config (the same `rlhf.loss_terms`,
         `rlhf.llm_kd_weight`, `custom.visual_kd` and `plugins:` that `kdcompose train` reads).
@@ -118,7 +129,14 @@ class Distiller:
                 f"kdcompose: {path}: the Distiller uses the loss composition; these keys are for "
                 f"`kdcompose train` and not used here: {', '.join(unused)}"
             )
-        return cls(config, student, teacher, vocab_size=vocab_size)
+        return cls(
+            config,
+            student,
+            teacher,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            teacher_tokenizer=teacher_tokenizer,
+        )
 
     # ------------------------------------------------------------------ one batch
 
