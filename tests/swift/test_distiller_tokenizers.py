@@ -76,6 +76,20 @@ def test_the_same_tokenizer_passes_and_sets_the_vocabulary_size(pair, caplog):
         kd.close()
 
 
+def test_the_tokenizer_size_decides_what_is_padding(pair):
+    """The 741-row model as student, the 576-row one as teacher: 165 extra rows pass for padding
+    when the size is unknown; with the tokenizer given (741 tokens) the narrower head misses real
+    tokens and is refused."""
+    from kdcompose.functional.vocab import VocabMismatchError
+
+    models, tokenizers = pair
+    wide, narrow, tokenizer = models["teacher"], models["student"], tokenizers["teacher"]
+    assert len(tokenizer) > narrow.lm_head.out_features
+    Distiller(LM_JSD, wide, narrow).close()
+    with pytest.raises(VocabMismatchError, match=f"the tokenizer has {len(tokenizer)} tokens"):
+        Distiller(LM_JSD, wide, narrow, tokenizer=tokenizer, teacher_tokenizer=tokenizer)
+
+
 def test_without_the_tokenizers_it_says_how_to_have_them_checked(pair, caplog):
     models, _ = pair
     with caplog.at_level(logging.INFO, logger="kdcompose"):

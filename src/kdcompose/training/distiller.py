@@ -98,7 +98,7 @@ class Distiller:
             raise ConfigError(issues, source=SOURCE)
         self.projectors = nn.ModuleDict()
         self.attachments = ModelAttachments(
-            self.composer, student, teacher, vocab_size=vocab_size, log=logger.info, attach=self._attach
+            self.composer, student, teacher, vocab_size=self.vocab_size, log=logger.info, attach=self._attach
         )
         self.attachments.open()
         self._closed = False
