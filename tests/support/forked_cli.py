@@ -202,8 +202,6 @@ def _child(request: dict, ready: int) -> None:
         os.setsid()
     else:
         os.setpgid(0, 0)  # a job of its own, as a shell starts it: the timeout kills its whole group
-    os.write(ready, b"1")  # the server answers with the pid only now: the group exists
-    os.close(ready)
     written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),  # not the server's request pipe
@@ -218,6 +216,8 @@ def _child(request: dict, ready: int) -> None:
         os.close(handle)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a process a shell starts
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.write(ready, b"1")  # the server answers with the pid only now: group, output files, signals set
+    os.close(ready)
     os.environ.clear()
     os.environ.update(request["env"])
     if request["cwd"]:

@@ -39,6 +39,11 @@ def pair():
     return models, tokenizers
 
 
+def _given(tokenizers: dict, teacher: str = "teacher") -> dict:
+    """The Distiller's tokenizer arguments: the student's, and the `teacher` role's as the teacher's."""
+    return {"tokenizer": tokenizers["student"], "teacher_tokenizer": tokenizers[teacher]}
+
+
 def _paths(info: pytest.ExceptionInfo[ConfigError]) -> list[str]:
     return [issue.path for issue in info.value.issues]
 
@@ -46,13 +51,7 @@ def _paths(info: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 def test_a_teacher_with_another_tokenizer_is_refused_naming_the_term(pair):
     models, tokenizers = pair
     with pytest.raises(ConfigError) as info:
-        Distiller(
-            LM_JSD,
-            models["student"],
-            models["teacher"],
-            tokenizer=tokenizers["student"],
-            teacher_tokenizer=tokenizers["teacher"],
-        )
+        Distiller(LM_JSD, models["student"], models["teacher"], **_given(tokenizers))
     assert _paths(info) == ["rlhf.loss_terms.lm_jsd"]
     message = info.value.issues[0].message
     assert "vocabularies differ" in message and "kdcompose train" in message
@@ -62,13 +61,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_the_term(pair):
 def test_the_same_tokenizer_passes_and_sets_the_vocabulary_size(pair, caplog):
     models, tokenizers = pair
     with caplog.at_level(logging.INFO, logger="kdcompose"):
-        kd = Distiller(
-            LM_JSD,
-            models["student"],
-            models["student"],
-            tokenizer=tokenizers["student"],
-            teacher_tokenizer=tokenizers["student"],
-        )
+        kd = Distiller(LM_JSD, models["student"], models["student"], **_given(tokenizers, "student"))
     try:
         assert kd.vocab_size == len(tokenizers["student"])
         assert "teacher_tokenizer=" not in caplog.text  # nothing left to advise
@@ -103,13 +96,7 @@ def test_features_only_needs_no_shared_tokenizer(pair, caplog):
     layer = {"student": "model.layers.0", "teacher": "model.layers.0", "projector": "linear"}
     config = {"rlhf": {"llm_kd_weight": 0, "loss_terms": {"hidden_kd": {"pairs": [layer]}}}}
     with caplog.at_level(logging.INFO, logger="kdcompose"):
-        kd = Distiller(
-            config,
-            models["student"],
-            models["teacher"],
-            tokenizer=tokenizers["student"],
-            teacher_tokenizer=tokenizers["teacher"],
-        )
+        kd = Distiller(config, models["student"], models["teacher"], **_given(tokenizers))
     kd.close()
     assert "tokenizer=" not in caplog.text
 
@@ -117,8 +104,7 @@ def test_features_only_needs_no_shared_tokenizer(pair, caplog):
 def test_a_cross_tokenizer_block_is_accepted_only_where_it_has_nothing_to_do(pair):
     models, tokenizers = pair
     student, teacher = models["student"], models["teacher"]
-    same = {"tokenizer": tokenizers["student"], "teacher_tokenizer": tokenizers["student"]}
-    other = {"tokenizer": tokenizers["student"], "teacher_tokenizer": tokenizers["teacher"]}
+    same, other = _given(tokenizers, "student"), _given(tokenizers)
     for config, kwargs in (
         (_cross(), {}),  # the Distiller cannot know whether the teacher's tokenizer differs
         (_cross(force=True), same),

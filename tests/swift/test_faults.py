@@ -137,8 +137,6 @@ def test_sigint_to_kdcompose_train_exits_cleanly_with_a_message(tmp_path):
     """A real `kdcompose train` process gets SIGINT (what Ctrl-C sends) while it trains."""
     config = write_config(tmp_path / "cfg.yaml", _sections(tmp_path / "out", max_steps=500))
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    stdout.touch()
-    stderr.touch()
     # forked (tests/support/forked_cli.py): SIGINT handled as Python does in a terminal, however
     # pytest was started (a shell's background job would start it with SIGINT ignored)
     process = start_cli(["train", str(config)], subprocess_env(tmp_path), stdout=stdout, stderr=stderr)

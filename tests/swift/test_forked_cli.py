@@ -72,6 +72,7 @@ def test_commands_run_at_once_each_in_a_group_or_session_of_its_own(tmp_path):
         ["validate", str(config)], env, stdout=tmp_path / "b.out", stderr=tmp_path / "b.err", new_session=True
     )
     try:
+        assert all((tmp_path / name).exists() for name in ("a.out", "a.err", "b.out", "b.err"))
         assert os.getpgid(waiting.pid) == waiting.pid and os.getsid(waiting.pid) != waiting.pid
         assert os.getsid(own_session.pid) == own_session.pid
         assert run_cli(["--version"], env).returncode == 0  # served while the other two wait

@@ -136,8 +136,6 @@ class Train:
         if nproc:
             env["NPROC_PER_NODE"] = str(nproc)
         self.stdout, self.stderr = tmp / f"{self.name}.out", tmp / f"{self.name}.err"
-        self.stdout.touch()
-        self.stderr.touch()
         argv = ["train", str(config), *(["--resume"] if resume else [])]
         self.process = start_cli(argv, env, stdout=self.stdout, stderr=self.stderr, new_session=True)
         self.tree: list[psutil.Process] = []
