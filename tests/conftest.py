@@ -24,6 +24,19 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def _offline_as_every_command_the_tests_start() -> None:
+    """The session runs with the environment the tests give the commands they start
+    (`tiny_run_env`: offline hub, no telemetry), set before anything imports the hub clients,
+    which read it once. So a test that hands a command `os.environ` and one that hands it
+    `tiny_run_env()` get the same forked-command server (`tests/support/forked_cli.py`)."""
+    from kdcompose.testing import tiny_run_env
+
+    os.environ.update(tiny_run_env())
+
+
+_offline_as_every_command_the_tests_start()
+
+
 def _share_the_cores_between_workers() -> None:
     """Under `pytest -n N`: each worker (and every process it starts, through the environment)
     uses its share of the cores, so N workers do not each spin one thread per core."""

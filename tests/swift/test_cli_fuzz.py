@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from forked_cli import run_cli
 
 from kdcompose.testing import build_tiny_pair
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def validate(path: Path) -> subprocess.CompletedProcess:
+    """`kdcompose validate PATH` in a process of its own (`tests/support/forked_cli.py`)."""
+    return run_cli(["validate", str(path)], dict(os.environ), timeout=60)
 
 
 BASES = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("*.yaml"))]
@@ -22,12 +28,7 @@ BASES = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("
 def test_config_larger_than_the_limit_is_refused(tmp_path):
     path = tmp_path / "huge.yaml"
     path.write_text("rlhf:\n  llm_kd_weight: 0.5\n" + "# padding\n" * 200_000)
-    result = subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = validate(path)
     assert result.returncode == 2
     assert "larger than" in result.stderr
 
@@ -73,12 +74,7 @@ def test_plugins_list_imports_terms_and_failures_name_the_entry(tmp_path):
     cfg.write_text(
         "plugins: [my_terms.py, no_such_module_xyz]\nrlhf:\n  loss_terms:\n    fuzz_plugin_term: {}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = validate(cfg)
     assert result.returncode == 2
     assert "plugins.1" in result.stderr and "no_such_module_xyz" in result.stderr
     assert "plugins.0" not in result.stderr
@@ -87,11 +83,6 @@ def test_plugins_list_imports_terms_and_failures_name_the_entry(tmp_path):
         f"plugins: [my_terms.py]\nrlhf:\n  teacher_model: {teacher}\n  teacher_model_type: qwen2_vl\n"
         "  loss_terms:\n    fuzz_plugin_term: {weight: 0.5}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", "validate", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = validate(cfg)
     assert result.returncode == 0, result.stderr
     assert "0.5*fuzz_plugin_term" in result.stdout

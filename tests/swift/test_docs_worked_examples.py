@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import forked_cli
 import pytest
 import yaml
 from model_standins import hub_cache, hub_env, standin_hub
@@ -109,9 +110,13 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]):
+    """`python -m kdcompose.cli ...` forked from a server started with this hub environment
+    (`tests/support/forked_cli.py`), with what it starts (the cache's worker processes)."""
     import subprocess
 
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert args[0] == sys.executable, args
+    python, env = forked_cli.python(env)
+    return subprocess.run([python, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_the_teacher_cache_worked_example_runs_as_written(workspace):

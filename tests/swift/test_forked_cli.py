@@ -5,10 +5,14 @@ once, and a bounded wait that leaves no process of the command behind."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
+import forked_cli
 import psutil
 import pytest
 from forked_cli import run_cli, start_cli
@@ -104,7 +108,7 @@ def test_a_command_past_its_timeout_is_killed_with_what_it_started(tmp_path):
     )
     (tmp_path / "cfg.yaml").write_text(f"plugins: [{plugin}]\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        run_cli(["validate", str(tmp_path / "cfg.yaml")], dict(os.environ), timeout=15)
+        run_cli(["validate", str(tmp_path / "cfg.yaml")], dict(os.environ), timeout=8)
     assert pid_file.exists(), "the command had not started its child within the timeout"
     child = int(pid_file.read_text())
     deadline = time.monotonic() + 60
@@ -112,3 +116,89 @@ def test_a_command_past_its_timeout_is_killed_with_what_it_started(tmp_path):
         assert time.monotonic() < deadline, "the command's child outlived the timeout"
         time.sleep(0.05)
     assert run_cli(["--version"], dict(os.environ)).returncode == 0  # the server serves on
+
+
+PROBE = """
+import json, os, signal, sys, time
+record = {"pid": os.getpid(), "ppid": os.getppid(), "executable": sys.executable}
+with open(os.environ["PROBE_OUT"] + ".part", "w") as sink:
+    json.dump(record, sink)
+os.rename(os.environ["PROBE_OUT"] + ".part", os.environ["PROBE_OUT"])
+mode = os.environ["PROBE_MODE"]
+if mode == "exit 3":
+    os._exit(3)
+if mode == "killed by SIGTERM":
+    os.kill(os.getpid(), signal.SIGTERM)
+if mode == "SIGTERM ends with 7":
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+if mode == "start the probe":
+    os.environ.update(PROBE_MODE="exit 3", PROBE_OUT=os.environ["PROBE_OUT"] + ".inner")
+    code = subprocess.run([sys.executable, "-m", "kdcompose.cli", "validate", sys.argv[-1]]).returncode
+    os._exit(10 + code)
+time.sleep(600)
+""".replace("import json,", "import subprocess, json,")
+
+
+def _probe(tmp_path, python, env, mode, **extra):
+    """`PYTHON -m kdcompose.cli validate` of a config whose plug-in records its pid and parent and
+    then does `mode`; the started process and the record."""
+    config = tmp_path / "probe.yaml"
+    if not config.exists():
+        (tmp_path / "probe.py").write_text(PROBE)
+        config.write_text(f"plugins: [{tmp_path / 'probe.py'}]\n")
+    out = tmp_path / f"{mode}.json"
+    process = subprocess.Popen(
+        [python, "-m", "kdcompose.cli", "validate", str(config)],
+        env={**env, "PROBE_MODE": mode, "PROBE_OUT": str(out), **extra},
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists():
+        assert process.poll() is None and time.monotonic() < deadline, f"{mode}: no record"
+        time.sleep(0.05)
+    return process, json.loads(out.read_text())
+
+
+def test_the_stand_in_python_forks_the_command_and_ends_as_it_ends(tmp_path):
+    """`forked_cli.python()`: the command runs in a process forked from the server (not in the
+    stand-in, not in a fresh interpreter), with the stand-in as its `sys.executable`; the stand-in
+    passes signals on, ends with the command's status or signal, and takes the command with it."""
+    python, env = forked_cli.python(dict(os.environ))
+    server = None
+    for mode, expected in (("exit 3", 3), ("killed by SIGTERM", -signal.SIGTERM)):
+        process, record = _probe(tmp_path, python, env, mode)
+        assert process.wait(120) == expected, mode
+        assert process.pid not in (record["pid"], record["ppid"]), "run in the stand-in, not forked"
+        assert "forked_cli.py" in " ".join(psutil.Process(record["ppid"]).cmdline())
+        assert record["executable"] == python
+        assert server in (None, record["ppid"])
+        server = record["ppid"]
+
+    process, record = _probe(tmp_path, python, env, "SIGTERM ends with 7")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(120) == 7
+
+    process, record = _probe(tmp_path, python, env, "sleep")
+    process.kill()
+    deadline = time.monotonic() + 60
+    while _alive(record["pid"]):
+        assert time.monotonic() < deadline, "the command outlived its killed stand-in"
+        time.sleep(0.05)
+
+
+def test_a_changed_import_time_variable_gets_a_fresh_interpreter(tmp_path):
+    python, env = forked_cli.python(dict(os.environ))
+    process, record = _probe(tmp_path, python, env, "exit 3", HF_HOME=str(tmp_path / "hf"))
+    assert process.wait(120) == 3
+    assert record["pid"] == process.pid, "forked, though the hub reads HF_HOME once, at import"
+
+
+def test_what_a_forked_command_starts_with_sys_executable_is_forked_too(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    config = tmp_path / "probe.yaml"
+    config.write_text(f"plugins: [{tmp_path / 'probe.py'}]\n")
+    out = tmp_path / "outer.json"
+    env = {**os.environ, "PROBE_MODE": "start the probe", "PROBE_OUT": str(out)}
+    outer = start_cli(["validate", str(config)], env, stdout=tmp_path / "out", stderr=tmp_path / "err")
+    assert outer.wait(120) == 13, (tmp_path / "err").read_text()  # 10 + the inner command's 3
+    inner = json.loads(Path(f"{out}.inner").read_text())
+    assert inner["ppid"] == json.loads(out.read_text())["ppid"], "the inner command was not forked"

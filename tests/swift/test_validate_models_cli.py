@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forked_cli
 import pytest
 import yaml
 from model_standins import hub_env, standin_hub
@@ -37,13 +37,14 @@ def kdcompose(
 ) -> tuple[subprocess.CompletedProcess, float]:
     import os
 
+    python, forked_env = forked_cli.python({**os.environ, **env})  # tests/support/forked_cli.py
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "kdcompose.cli", *args],
+        [python, "-m", "kdcompose.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **env},
+        env=forked_env,
         cwd=cwd,
     )
     return result, time.perf_counter() - start
