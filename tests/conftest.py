@@ -73,17 +73,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 LONGEST_FIRST = (
+    "test_demo.py",
     "test_preemption.py",
     "test_engines_deepspeed.py",
-    "test_demo.py",
-    "test_teacher_sources_training.py",
     "test_scale_out.py",
+    "test_teacher_sources_training.py",
+    "test_swift_launcher.py",
+    "test_long_run.py",
+    "test_tiny_models.py",
     "test_engines_resume.py",
-    "test_cross_tokenizer_remote.py",
 )
-"""The files that take longest (measured, `--durations`), started first: with one file per worker
-(`--dist loadfile`) a long file started last would leave the other workers idle at the end.
-Only the order changes; every test still runs."""
+"""The files that take longest (measured, `--durations`; the demo first, as on a clean machine it
+also trains its teacher), started first: with one file per worker (`--dist loadfile`) a long
+file started last would leave the other workers idle at the end. Only the order changes; every
+test still runs."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
