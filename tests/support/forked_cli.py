@@ -15,13 +15,14 @@ run at once (a teacher server and the run it teaches).
 What a forked command starts with `sys.executable` goes through `forked_python.py`, a stand-in
 `python` that asks the same server: so torchrun's launcher and ranks, the demo's training runs,
 teacher-cache workers and teacher servers are forked too, whenever a fresh interpreter would run
-them the same way (`_forkable`: `-m kdcompose.cli` / `-m torch.distributed.run`, and no change
-to the variables read at import); the rest runs in the real interpreter. `python()` gives the
-stand-in to tests that start a command themselves.
+them the same way (`_forkable`: `-m MODULE`, `-c CODE` or a script, no interpreter flag but `-u`,
+no change to the variables read at import); the rest runs in the real interpreter. `python()`
+gives the stand-in to tests that start a process themselves and need no fresh interpreter.
 
 The variables read once at import (the hub's cache and offline settings, `HOME`, ...) are the
 server's: each set of their values gets a server of its own, started with them. Not for what
-needs a fresh interpreter anyway: start-up hooks (`.pth`, `sitecustomize`).
+needs a fresh interpreter anyway: start-up hooks (`.pth`, `sitecustomize`), what must not find
+ms-swift imported, a plug-in registry read before a test adds to it.
 
 Protocol: a connection to the server's Unix socket per process. The client sends one JSON line
 with its three standard streams attached (`SCM_RIGHTS`): `{"argv", "env", "cwd", "session"}` from
@@ -54,7 +55,6 @@ from kdcompose.serve.process import ServerProcess
 SOCKET_ENV = "KDCOMPOSE_TEST_FORK_SOCKET"
 """Where the stand-in `python` finds the server (set in every forked command's environment)."""
 STAND_IN = Path(__file__).with_name("forked_python.py")
-FORKABLE_MODULES = ("kdcompose.cli", "torch.distributed.run")
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MODELSCOPE_", "DATASETS_", "DS_", "PYTHON")
 """Prefixes of the variables that ms-swift, transformers, the hub clients and Python read once, at
 import or start-up (each set of values has a server of its own; a stand-in request that changes
@@ -299,18 +299,43 @@ class ForkedServerProcess(ServerProcess):
 # --- the server ---------------------------------------------------------------------------------
 
 
-def _forkable(python_argv: list[str], env: Mapping[str, str]) -> tuple[str, list[str]] | None:
-    """(module, arguments) when `python PYTHON_ARGV` with `env` runs here as a fresh interpreter
-    would run it; None when it needs one."""
-    args = list(python_argv)
-    while args[:1] == ["-u"]:
-        args.pop(0)
-    if len(args) < 2 or args[0] != "-m" or args[1] not in FORKABLE_MODULES:
+def _forkable(python_argv: list[str], env: Mapping[str, str]) -> list[str] | None:
+    """What follows the interpreter's flags in `python PYTHON_ARGV` (`-m MODULE ...`, `-c CODE ...`
+    or `SCRIPT ...`) when a fork of this server runs it as a fresh interpreter would with `env`;
+    None when it needs one (a flag other than `-u`, or a variable read at import changed)."""
+    run = list(python_argv)
+    while run[:1] == ["-u"]:  # the server's streams are unbuffered already
+        run.pop(0)
+    if not run or run[0] == "-" or (run[0].startswith("-") and run[0] not in ("-m", "-c")):
+        return None
+    if run[0] in ("-m", "-c") and len(run) < 2:
         return None
     base = os.environ
     if any(env.get(k) != base.get(k) for k in {*env, *base} if _read_at_import(k)):
         return None
-    return args[1], args[2:]
+    return run
+
+
+def _run(run: list[str]) -> None:
+    """`python RUN...` after the flags: `sys.argv` and the first entry of `sys.path` as Python
+    sets them, the code run as `__main__`."""
+    import runpy
+    import types
+
+    if run[0] == "-m":
+        sys.argv = [run[1], *run[2:]]  # run_module puts the module's file first
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(run[1], run_name="__main__", alter_sys=True)
+    elif run[0] == "-c":
+        sys.argv = ["-c", *run[2:]]
+        sys.path.insert(0, "")
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(run[1], "<string>", "exec"), main.__dict__)
+    else:
+        sys.argv = list(run)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(run[0])))
+        runpy.run_path(run[0], run_name="__main__")
 
 
 def _child(request: dict, streams: list[int], ready: int, server: dict[str, str]) -> None:
@@ -335,11 +360,7 @@ def _child(request: dict, streams: list[int], ready: int, server: dict[str, str]
             os.chdir(request["cwd"])
         _apply_start_up_settings(env)
         sys.executable = server["python"]  # what this command starts comes back here
-        module, args = request["module"], request["args"]
-        sys.argv = [module, *args]
-        import runpy
-
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        _run(request["run"])
         code = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -360,11 +381,11 @@ def _child(request: dict, streams: list[int], ready: int, server: dict[str, str]
 
 def _apply_start_up_settings(env: Mapping[str, str]) -> None:
     """What a fresh interpreter would have taken from `env` at start-up, applied to what the server
-    imported: `sys.path` (the working directory, as `python -m` puts it first, and `PYTHONPATH`),
-    torch's thread count, and ms-swift's log levels (set from `LOG_LEVEL` and `LOCAL_RANK` when
-    `swift.utils.logger` is imported: ranks other than 0 log errors only)."""
+    imported: `PYTHONPATH` on `sys.path`, torch's thread count, and ms-swift's log levels (set
+    from `LOG_LEVEL` and `LOCAL_RANK` when `swift.utils.logger` is imported: ranks other than 0
+    log errors only)."""
     paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = [os.getcwd(), *(p for p in paths if p not in sys.path)]
+    sys.path[:0] = [p for p in paths if p not in sys.path]
     threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
     if threads:
         import torch
@@ -434,16 +455,15 @@ def _serve(socket_path: str, python_path: str, owner: int, folder: str) -> None:
     def start(conn: socket.socket) -> None:
         request, streams = _receive(conn)
         if "python" in request:
-            target = _forkable(request["python"], request["env"])
-            if target is None:
+            request["run"] = _forkable(request["python"], request["env"])
+            if request["run"] is None:
                 conn.sendall(b'{"fresh": true}\n')
                 conn.close()
                 for fd in streams:
                     os.close(fd)
                 return
-            request["module"], request["args"] = target
         else:
-            request["module"], request["args"] = "kdcompose.cli", request["argv"]
+            request["run"] = ["-m", "kdcompose.cli", *request["argv"]]
         ready_read, ready_write = os.pipe()
         pid = os.fork()
         if pid == 0:

@@ -207,11 +207,13 @@ def test_zero3_fused_jsd_through_the_head_matches_reference(tmp_path):
     inside `gathered_lm_head`, and the fused JSD run through `call_through_head` gives the loss and
     every (full) gradient of the unsharded model."""
     import subprocess
-    import sys
+
+    import forked_cli
 
     env = {k: v for k, v in os.environ.items() if k not in engines.SINGLE_PROCESS_ENV}
+    python, env = forked_cli.python(env)  # a process of its own, forked: tests/support/forked_cli.py
     result = subprocess.run(
-        [sys.executable, "-c", ZERO3_CHECK], env=env, capture_output=True, text=True, timeout=300, check=False
+        [python, "-c", ZERO3_CHECK], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0 and "ZERO3-OK" in result.stdout, result.stderr[-3000:]
 

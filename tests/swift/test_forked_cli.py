@@ -202,3 +202,25 @@ def test_what_a_forked_command_starts_with_sys_executable_is_forked_too(tmp_path
     assert outer.wait(120) == 13, (tmp_path / "err").read_text()  # 10 + the inner command's 3
     inner = json.loads(Path(f"{out}.inner").read_text())
     assert inner["ppid"] == json.loads(out.read_text())["ppid"], "the inner command was not forked"
+
+
+def test_the_stand_in_runs_code_and_scripts_as_python_does(tmp_path):
+    """`-c CODE` and `SCRIPT` forked with `sys.argv` and `sys.path[0]` as Python sets them; an
+    interpreter flag it does not copy (`-I`) runs the real interpreter."""
+    python, env = forked_cli.python(dict(os.environ))
+    show = "import json, os, sys; print(json.dumps([os.getpid(), os.getppid(), sys.argv, sys.path[0]]))"
+    (tmp_path / "show.py").write_text(show)
+
+    def ran(*args: str) -> list:
+        process = subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert process.returncode == 0, process.stderr
+        return json.loads(process.stdout)
+
+    _, code_parent, code_argv, code_path = ran("-c", show, "x")
+    _, script_parent, script_argv, script_path = ran(str(tmp_path / "show.py"), "a", "b")
+    assert "forked_cli.py" in " ".join(psutil.Process(code_parent).cmdline())
+    assert script_parent == code_parent
+    assert (code_argv, code_path) == (["-c", "x"], "")
+    assert (script_argv, script_path) == ([str(tmp_path / "show.py"), "a", "b"], str(tmp_path))
+    _, fresh_parent, fresh_argv, _ = ran("-I", "-c", show, "y")
+    assert fresh_parent == os.getpid() and fresh_argv == ["-c", "y"]

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import forked_cli
 import pytest
 
 import kdcompose.testing as kt
@@ -120,10 +121,9 @@ def test_concurrent_builders_agree(tmp_path: Path) -> None:
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    python, env = forked_cli.python(env)  # processes of their own, forked: tests/support/forked_cli.py
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-        )
+        subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -9,9 +9,9 @@ the logits, or of both LM heads' rows) and computes the same loss plus the gradi
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
+import forked_cli
 import pytest
 import torch
 from swift_support import subprocess_env
@@ -26,11 +26,11 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_parallel")
-    env = subprocess_env(tmp)
+    python, env = forked_cli.python(subprocess_env(tmp))  # forked: tests/support/forked_cli.py
     procs = [
         subprocess.Popen(
             [
-                sys.executable,
+                python,
                 str(WORKER),
                 str(rank),
                 str(WORLD),
