@@ -228,40 +228,64 @@ def test_gkd_args_and_cli_flags(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- ms-swift
 
 
-def _swift_gkd(tmp_path: Path, family: str, **overrides) -> list[dict]:
-    """Run stock ms-swift GKD in a fresh interpreter (importing ms-swift patches TRL process-wide)."""
-    out = tmp_path / "out"
+STOCK_RUNS = {"qwen2_vl": {"max_steps": 3}, "qwen2": {"max_steps": 2}}
+
+
+@pytest.fixture(scope="module")
+def stock_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """Stock ms-swift GKD on each tiny family: one fresh interpreter (importing ms-swift patches TRL
+    process-wide, so not this one) imports ms-swift once and runs each family in a child forked
+    from it, one after the other; the logged rows per family."""
+    tmp = tmp_path_factory.mktemp("stock")
+    runs = [[family, str(tmp / family), overrides] for family, overrides in STOCK_RUNS.items()]
     code = textwrap.dedent(
-        f"""
-        import json, os
+        """
+        import json, os, sys, traceback
         from kdcompose.compat import ensure_torchvision_importable
         ensure_torchvision_importable()
         from kdcompose.testing import tiny_gkd_args, tiny_run_env
         os.environ.update(tiny_run_env())
-        kwargs = tiny_gkd_args({family!r}, {str(out)!r}, **json.loads({json.dumps(json.dumps(overrides))}))
         from swift import RLHFArguments, rlhf_main
-        rlhf_main(RLHFArguments(**kwargs))
+        for family, out, overrides in json.loads(sys.argv[1]):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    rlhf_main(RLHFArguments(**tiny_gkd_args(family, out, **overrides)))
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            if os.waitpid(pid, 0)[1] != 0:
+                sys.exit(f"stock ms-swift GKD failed on {family}")
         """
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(kt.tiny_run_env())
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(runs)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    logs = list(out.glob("v*/logging.jsonl"))
-    assert len(logs) == 1, logs
-    return [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()]
+    rows = {}
+    for family, out, _ in runs:
+        logs = list(Path(out).glob("v*/logging.jsonl"))
+        assert len(logs) == 1, logs
+        rows[family] = [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()]
+    return rows
 
 
-def test_stock_swift_gkd_runs_on_tiny_qwen2_vl(tmp_path: Path) -> None:
-    rows = _swift_gkd(tmp_path, "qwen2_vl", max_steps=3)
+def test_stock_swift_gkd_runs_on_tiny_qwen2_vl(stock_runs) -> None:
+    rows = stock_runs["qwen2_vl"]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3
     assert all(math.isfinite(x) and x > 0 for x in losses)
     assert rows[-1].get("model_parameter_info", "").startswith("Qwen2VLForConditionalGeneration")
 
 
-def test_stock_swift_gkd_runs_on_tiny_text_model(tmp_path: Path) -> None:
-    rows = _swift_gkd(tmp_path, "qwen2", max_steps=2)
+def test_stock_swift_gkd_runs_on_tiny_text_model(stock_runs) -> None:
+    rows = stock_runs["qwen2"]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
