@@ -20,7 +20,7 @@ from kdcompose.registry import get_term_class, register_term, registered_terms
 from kdcompose.terms import FeaturePair, LossContext, LossTerm, Tap, TermNeeds, TermSpec, TermValue
 from kdcompose.training.distiller import Distiller, DistillOutput
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 __all__ = [
     "Composition",
