@@ -44,12 +44,13 @@ def _forked(argv: list[str]) -> tuple[socket.socket, int] | None:
     if not path:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    request = {"python": argv, "env": dict(os.environ), "cwd": os.getcwd()}
     try:
         conn.connect(path)
-    except OSError:
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+    except OSError:  # no server there (any more), or a standard stream closed: the real interpreter
+        conn.close()
         return None
-    request = {"python": argv, "env": dict(os.environ), "cwd": os.getcwd()}
-    socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     answer = _read_line(conn)
     return (conn, answer["pid"]) if "pid" in answer else None
 
