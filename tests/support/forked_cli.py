@@ -155,6 +155,8 @@ class _Server:
         ready = process.stdout.readline()
         process.stdout.close()
         if ready != b"ready\n":
+            process.kill()  # not left importing, or serving without having said so
+            process.wait()
             raise RuntimeError("the forked-command server did not start")
         (self.folder / "server.pid").write_text(str(process.pid))
         _started.append(process)
