@@ -50,10 +50,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from forked_python import SOCKET_ENV
+
 from kdcompose.serve.process import ServerProcess
 
-SOCKET_ENV = "KDCOMPOSE_TEST_FORK_SOCKET"
-"""Where the stand-in `python` finds the server (set in every forked command's environment)."""
 STAND_IN = Path(__file__).with_name("forked_python.py")
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MODELSCOPE_", "DATASETS_", "DS_", "PYTHON")
 """Prefixes of the variables that ms-swift, transformers, the hub clients and Python read once, at
@@ -123,8 +123,8 @@ class _Server:
     """The server for one set of values read at import, shared by the test processes of one
     pytest run (the first that needs it starts it, under a lock; it ends with the run)."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        digest = hashlib.sha256(repr(_read_at_import_values(env)).encode()).hexdigest()[:16]
+    def __init__(self, env: Mapping[str, str], key: tuple[tuple[str, str], ...]) -> None:
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
         self.folder = Path(tempfile.gettempdir()) / f"kdcompose-fork-{_owner()}-{digest}"
         self.socket = str(self.folder / "server.sock")
         self.python = self.folder / "bin" / "python"
@@ -164,6 +164,7 @@ class _Server:
 
 _servers: dict[tuple[tuple[str, str], ...], _Server] = {}
 _started: list[subprocess.Popen] = []
+"""The servers this process started, kept referenced: they outlive it (they end with the run)."""
 _starting = threading.Lock()
 
 
@@ -173,7 +174,7 @@ def _running_server(env: Mapping[str, str]) -> _Server:
     with _starting:
         server = _servers.get(key)
         if server is None or not server.alive():
-            server = _servers[key] = _Server(env)
+            server = _servers[key] = _Server(env, key)
         return server
 
 

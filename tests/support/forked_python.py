@@ -12,8 +12,11 @@ arguments, environment, working directory and standard streams. The server forks
 when it can run it as a fresh interpreter would (`forked_cli._forkable`): then this process
 stands in for it -- it passes every stop signal it receives on, and ends as the forked process
 ends (the same exit status, or killed by the same signal); if this process is killed, the server
-kills the forked one. Anything else (`-c CODE`, other modules, an environment that changes what
-is read at import) runs in the real interpreter, which replaces this process.
+kills the forked one. Anything else (an interpreter flag other than `-u`, an environment that
+changes what is read at import, no server to ask) runs in the real interpreter, which replaces
+this process.
+
+Only the standard library, as it runs without `site`: `forked_cli` imports its `SOCKET_ENV`.
 """
 
 import contextlib
@@ -24,6 +27,7 @@ import socket
 import sys
 
 SOCKET_ENV = "KDCOMPOSE_TEST_FORK_SOCKET"
+"""Where the stand-in finds the server (set in every forked command's environment)."""
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 

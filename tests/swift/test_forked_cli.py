@@ -119,7 +119,7 @@ def test_a_command_past_its_timeout_is_killed_with_what_it_started(tmp_path):
 
 
 PROBE = """
-import json, os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 record = {"pid": os.getpid(), "ppid": os.getppid(), "executable": sys.executable}
 with open(os.environ["PROBE_OUT"] + ".part", "w") as sink:
     json.dump(record, sink)
@@ -136,16 +136,22 @@ if mode == "start the probe":
     code = subprocess.run([sys.executable, "-m", "kdcompose.cli", "validate", sys.argv[-1]]).returncode
     os._exit(10 + code)
 time.sleep(600)
-""".replace("import json,", "import subprocess, json,")
+"""
+
+
+def _probe_config(tmp_path: Path) -> Path:
+    """A config whose plug-in is `PROBE` (`validate` imports it first)."""
+    config = tmp_path / "probe.yaml"
+    if not config.exists():
+        (tmp_path / "probe.py").write_text(PROBE)
+        config.write_text(f"plugins: [{tmp_path / 'probe.py'}]\n")
+    return config
 
 
 def _probe(tmp_path, python, env, mode, **extra):
     """`PYTHON -m kdcompose.cli validate` of a config whose plug-in records its pid and parent and
     then does `mode`; the started process and the record."""
-    config = tmp_path / "probe.yaml"
-    if not config.exists():
-        (tmp_path / "probe.py").write_text(PROBE)
-        config.write_text(f"plugins: [{tmp_path / 'probe.py'}]\n")
+    config = _probe_config(tmp_path)
     out = tmp_path / f"{mode}.json"
     process = subprocess.Popen(
         [python, "-m", "kdcompose.cli", "validate", str(config)],
@@ -193,9 +199,7 @@ def test_a_changed_import_time_variable_gets_a_fresh_interpreter(tmp_path):
 
 
 def test_what_a_forked_command_starts_with_sys_executable_is_forked_too(tmp_path):
-    (tmp_path / "probe.py").write_text(PROBE)
-    config = tmp_path / "probe.yaml"
-    config.write_text(f"plugins: [{tmp_path / 'probe.py'}]\n")
+    config = _probe_config(tmp_path)
     out = tmp_path / "outer.json"
     env = {**os.environ, "PROBE_MODE": "start the probe", "PROBE_OUT": str(out)}
     outer = start_cli(["validate", str(config)], env, stdout=tmp_path / "out", stderr=tmp_path / "err")
